@@ -1,0 +1,58 @@
+"""Command line entry: Hydra composes configs/ into a typed RunConfig, one Accelerator, then pipeline.run.
+
+This is the only module that imports hydra or omegaconf.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from .config import RunConfig, register_configs
+from .release import ReleaseFormatError
+from .shards import CorruptShardError
+
+CONFIG_MODULE = "qscope_train.configs"
+# Errors that come from the user's input or files: one line, no traceback (QSCOPE_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotImplementedError, ReleaseFormatError, CorruptShardError)
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and build the dataclasses, which runs their __post_init__ checks."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose(overrides: Sequence[str] = ()) -> RunConfig:
+    """The RunConfig that `qscope-train <overrides>` would run, for tests and notebooks."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        return to_run_config(hydra_compose("config", overrides=list(overrides)))
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from accelerate import Accelerator
+
+    from .pipeline import run
+
+    try:
+        run_cfg = to_run_config(cfg)
+        run(run_cfg, Accelerator())
+    except USER_ERRORS as e:
+        if os.environ.get("QSCOPE_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(set QSCOPE_DEBUG=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()

@@ -1,0 +1,210 @@
+"""Typed run configuration: dataclass schemas registered in Hydra's ConfigStore.
+
+Defaults live here and only here; the YAML presets under configs/ override them. No I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any, Optional
+
+MISSING = "???"  # OmegaConf's marker for a value the user must give
+
+
+class Stage(Enum):
+    """Pipeline stages, always run in this order."""
+
+    cache = "cache"
+    fit = "fit"
+    evaluate = "evaluate"
+    export = "export"
+
+
+class Activation(Enum):
+    """How latents are selected from the pre-activations."""
+
+    topk = "topk"  # the model card: topk(x @ W_enc.T + b_enc)
+    relu_topk = "relu_topk"  # the official demo app: topk(relu(x @ W_enc.T + b_enc))
+
+
+class DType(Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class WandbMode(Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+@dataclass
+class ModelConfig:
+    """The language model whose residual stream is read."""
+
+    name_or_path: str = MISSING
+    """Hub id (e.g. Qwen/Qwen3-1.7B-Base) or a local directory written by save_pretrained."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit); None for the default branch."""
+    dtype: DType = DType.float32
+    """Dtype of the LM weights during the forward pass (bfloat16 on GPUs)."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; Qwen3 and Qwen3.5 do not need it with transformers 5."""
+
+
+@dataclass
+class SAEConfig:
+    """Shape and activation of each layer's TopK SAE."""
+
+    d_sae: int = 32768
+    """Number of latents (the release calls it the SAE width)."""
+    k: int = 100
+    """Latents kept non-zero per token."""
+    activation: Activation = Activation.topk
+    """topk: the card's encoder; relu_topk: ReLU before the top-k, as the official app does."""
+
+    def __post_init__(self) -> None:
+        if self.d_sae <= 0:
+            raise ValueError(f"sae.d_sae must be positive, got {self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"sae.k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and which activations are kept."""
+
+    dataset: str = MISSING
+    """Hub dataset id, or a local .txt / .json / .jsonl / .parquet file or a directory of them."""
+    config_name: Optional[str] = None
+    """Dataset configuration (subset) name on the hub, e.g. sample-10BT."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_field: str = "text"
+    """Column holding the document text."""
+    streaming: bool = False
+    """Stream the dataset instead of downloading it whole (large hub datasets)."""
+    context_len: int = 1024
+    """Tokens per sequence fed to the model (documents are packed)."""
+    train_tokens: int = 10_000_000
+    """Sequence tokens to run through the model for the training split (before filters)."""
+    eval_tokens: int = 262_144
+    """Sequence tokens for the held-out split; taken from sequences never used for training."""
+    forward_batch_size: int = 8
+    """Sequences per language-model forward pass."""
+    cache_dtype: DType = DType.bfloat16
+    """Dtype of cached activations on disk."""
+    shard_tokens: int = 65536
+    """Activation rows per cache shard file."""
+    drop_first_position: bool = True
+    """Drop position 0 of each sequence (the attention sink, norm far above the rest)."""
+    drop_special_tokens: bool = True
+    """Drop activations at the tokenizer's special tokens (BOS/EOS/PAD and other added specials)."""
+    outlier_norm_factor: float = 10.0
+    """Drop activations whose norm exceeds this multiple of the batch median norm; 0 disables."""
+
+    def __post_init__(self) -> None:
+        for name in ("context_len", "train_tokens", "eval_tokens", "forward_batch_size", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.context_len < 2:
+            raise ValueError(f"data.context_len must be at least 2, got {self.context_len}")
+        if self.outlier_norm_factor < 0:
+            raise ValueError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation of the SAEs."""
+
+    batch_size: int = 4096
+    """Activation rows (tokens) per optimizer step, per layer."""
+    lr: Optional[float] = None
+    """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warmup from 0."""
+    decay_fraction: float = 0.2
+    """Final fraction of steps over which the learning rate decays linearly to 0."""
+    max_steps: Optional[int] = None
+    """Stop after this many steps; None means one pass over the cached training split."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    shuffle_buffer_shards: int = 4
+    """Cache shards mixed in memory at once when reading training batches."""
+    seed: int = 0
+    """Seed for initialisation and batch order."""
+    log_every: int = 20
+    """Steps between log lines (JSONL, progress bar, wandb)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"trainer.batch_size must be positive, got {self.batch_size}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"trainer.lr must be positive, got {self.lr}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"trainer.max_steps must be positive, got {self.max_steps}")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (the JSONL log in the run directory is always written)."""
+
+    mode: WandbMode = WandbMode.disabled
+    """disabled, offline (local files, sync later) or online."""
+    project: str = "qscope-train"
+    """wandb project name."""
+    entity: Optional[str] = None
+    """wandb entity (user or team); None for the default."""
+
+
+@dataclass
+class RunConfig:
+    """One run: which stages, on which layers, with which model, data, SAE and trainer."""
+
+    name: str = "run"
+    """Run name; the default run directory is outputs/<name>."""
+    run_dir: str = "outputs/${name}"
+    """Directory for every stage's outputs (cache/, fit/, eval/, export/, log.jsonl)."""
+    stages: list[Stage] = field(default_factory=lambda: list(Stage))
+    """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in that order."""
+    layers: list[int] = MISSING
+    """Decoder layer indices n whose output (residual stream after block n) gets an SAE."""
+    release_model_name: Optional[str] = None
+    """Model name used in the export's release-style name SAE-Res-<name>-W<N>K-L0_<k>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers must list at least one decoder layer index")
+        if any(n < 0 for n in self.layers):
+            raise ValueError(f"layers must be non-negative indices, got {list(self.layers)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers has duplicates: {list(self.layers)}")
+        if not self.stages:
+            raise ValueError("stages must name at least one of cache, fit, evaluate, export")
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass config as JSON-ready dicts, lists and scalars (enums by value)."""
+    if is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def register_configs() -> None:
+    """Register the schema so that config.yaml's defaults list can start from it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qscope_schema", node=RunConfig)

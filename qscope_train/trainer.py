@@ -1,0 +1,133 @@
+"""The training loop: one TopK SAE per layer, all fed from the same stream of per-layer batches.
+
+Per step and layer: forward, FVU loss, backward, drop the gradient parallel to each decoder column,
+Adam step, renormalise decoder columns, update the tokens-since-fired counters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .config import Activation, TrainerConfig
+from .losses import fvu
+from .sae import TopKSAE
+
+
+def default_lr(d_sae: int) -> float:
+    """2e-4 / sqrt(d_sae / 2^14): the scaling law of Gao et al. (2024) for TopK SAEs."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    """Linear warmup over `warmup` steps, flat, then linear decay to 0 over the last decay_fraction."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    decay_start = total - int(total * decay_fraction)
+    if step >= decay_start and total > decay_start:
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+@dataclass
+class LayerState:
+    sae: TopKSAE
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    since_fired_F: Tensor  # tokens since each latent last fired
+    tokens: int = 0
+    fvu_ema: Optional[float] = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _fired_mask(sae: TopKSAE, vals_BK: Tensor, idx_BK: Tensor) -> Tensor:
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=idx_BK.device)
+    active = idx_BK if sae.activation is Activation.topk else idx_BK[vals_BK > 0]
+    fired[active.reshape(-1)] = True
+    return fired
+
+
+def train_step(state: LayerState, x_BD: Tensor) -> dict[str, float]:
+    sae = state.sae
+    out = sae(x_BD)
+    loss = fvu(x_BD, out.x_hat_BD)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()}")
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad_()
+    state.opt.step()
+    state.sched.step()
+    sae.unit_norm_decoder_()
+    with torch.no_grad():
+        fired_F = _fired_mask(sae, *out.code)
+        state.since_fired_F += x_BD.shape[0]
+        state.since_fired_F[fired_F] = 0
+        l0 = float((out.code.vals_BK != 0).sum(-1).float().mean())
+    state.tokens += x_BD.shape[0]
+    value = loss.item()
+    state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
+    return {"fvu": value, "l0": l0}
+
+
+def fit(
+    saes: dict[int, TopKSAE],
+    batches: Iterator[dict[int, Tensor]],
+    cfg: TrainerConfig,
+    total_steps: int,
+    device: torch.device | str,
+    log: Callable[[int, dict], None],
+    progress: Callable[..., object],
+    init_b_dec: bool = True,
+) -> dict[int, dict]:
+    """Train every SAE for total_steps steps; returns a per-layer summary (tokens, final FVU, dead fraction)."""
+    first = next(batches)
+    states = {}
+    for n, sae in saes.items():
+        sae.to(device)
+        if init_b_dec:
+            with torch.no_grad():
+                sae.b_dec.copy_(first[n].to(device).float().mean(0))
+        lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
+        )
+        states[n] = LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
+
+    def batches_with_first():
+        yield first
+        yield from batches
+
+    with progress(total=total_steps, desc="fit", unit="step") as bar:
+        for step, batch in zip(range(total_steps), batches_with_first()):
+            metrics = {}
+            for n, state in states.items():
+                try:
+                    m = train_step(state, batch[n].to(device, non_blocking=True))
+                except NonFiniteLossError as e:
+                    raise NonFiniteLossError(f"layer {n}, step {step}: {e}; stopping (check the activations and lr)") from None
+                m["dead_frac"] = float((state.since_fired_F >= cfg.dead_after_tokens).float().mean())
+                m["lr"] = state.sched.get_last_lr()[0]
+                metrics[n] = m
+            if step % cfg.log_every == 0 or step == total_steps - 1:
+                log(step, metrics)
+                worst = max(metrics.values(), key=lambda m: m["fvu"])
+                bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
+            bar.update(1)
+    return {
+        n: {
+            "tokens_trained": s.tokens,
+            "steps": total_steps,
+            "train_fvu_ema": s.fvu_ema,
+            "dead_frac": float((s.since_fired_F >= cfg.dead_after_tokens).float().mean()),
+        }
+        for n, s in states.items()
+    }
