@@ -7,9 +7,10 @@ rows whose norm exceeds outlier_norm_factor × the median norm of their forward 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -125,12 +126,15 @@ def build_cache(
     with progress(total=(n_eval + n_train) * cfg.context_len, desc="cache", unit="tok") as bar:
         for split, split_blocks_ in (("eval", eval_blocks), ("train", train_blocks)):
             counts = {n: FilterCounts() for n in layer_ids}
-            writers = {n: shards.ShardWriter(root, f"{split}/layer{n}", lm.d_model, dtype, cfg.shard_tokens) for n in layer_ids}
+            writers = {
+                n: shards.ShardWriter(root, f"{split}/layer{n}", lm.d_model, dtype, cfg.shard_tokens) for n in layer_ids
+            }
             for acts in iter_live(lm, layer_ids, split_blocks_, cfg, device, counts, on_batch=bar.update):
                 for n, x_ND in acts.items():
                     writers[n].add(x_ND)
             splits[split] = {
-                str(n): {"filters": asdict(counts[n]), "shards": shards.as_dicts(writers[n].finish())} for n in layer_ids
+                str(n): {"filters": asdict(counts[n]), "shards": shards.as_dicts(writers[n].finish())}
+                for n in layer_ids
             }
     if splits["train"][str(layer_ids[0])]["filters"]["seen"] < cfg.train_tokens:
         seen = splits["train"][str(layer_ids[0])]["filters"]["seen"]
@@ -170,7 +174,13 @@ def cached_train_batches(
     """Endless {layer: (batch_size, d_model) fp32} batches, shuffled independently per layer."""
     streams = {
         n: shards.iter_shuffled(
-            root, split_records(manifest, "train", n), manifest["d_model"], manifest["dtype"], batch_size, buffer_shards, seed + n
+            root,
+            split_records(manifest, "train", n),
+            manifest["d_model"],
+            manifest["dtype"],
+            batch_size,
+            buffer_shards,
+            seed + n,
         )
         for n in layer_ids
     }
@@ -180,4 +190,6 @@ def cached_train_batches(
 
 def cached_eval_rows(root: Path, manifest: dict, layer: int, batch_size: int) -> Iterator[Tensor]:
     """The held-out rows of one layer, in order, as fp32 batches."""
-    return shards.iter_rows(root, split_records(manifest, "eval", layer), manifest["d_model"], manifest["dtype"], batch_size)
+    return shards.iter_rows(
+        root, split_records(manifest, "eval", layer), manifest["d_model"], manifest["dtype"], batch_size
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -18,7 +18,14 @@ from .shards import CorruptShardError
 
 CONFIG_MODULE = "qscope_train.configs"
 # Errors that come from the user's input or files: one line, no traceback (QSCOPE_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotImplementedError, ReleaseFormatError, CorruptShardError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FloatingPointError,
+    NotImplementedError,
+    ReleaseFormatError,
+    CorruptShardError,
+)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -56,3 +63,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     register_configs()
     _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,9 +6,10 @@ is taken after the final norm, so it is never used. The forward stops after the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -97,7 +98,9 @@ def capture(layers: nn.ModuleList, layer_ids: Sequence[int], stop_early: bool = 
         raise ValueError("no layers to capture")
     bad = [n for n in layer_ids if not 0 <= n < len(layers)]
     if bad:
-        raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        raise ValueError(
+            f"layer indices {bad} out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})"
+        )
     deepest = max(layer_ids)
     out: dict[int, Tensor] = {}
 

@@ -173,7 +173,11 @@ def layer_meta(cfg: RunConfig, manifest: dict, n: int, sae: TopKSAE, summary: Op
 
 
 def summary_table(metrics: dict[int, dict]) -> str:
-    lines = ["", "layer      FVU       L0   dead %   held-out tokens", "-----  -------  -------  -------  ---------------"]
+    lines = [
+        "",
+        "layer      FVU       L0   dead %   held-out tokens",
+        "-----  -------  -------  -------  ---------------",
+    ]
     for n in sorted(metrics):
         m = metrics[n]
         lines.append(f"{n:>5}  {m['fvu']:7.4f}  {m['l0']:7.2f}  {100 * m['dead_frac']:6.2f}%  {m['n_tokens']:>15,}")

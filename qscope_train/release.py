@@ -38,13 +38,13 @@ class ReleaseName:
     k: int
 
     @classmethod
-    def parse(cls, name: str) -> Optional["ReleaseName"]:
+    def parse(cls, name: str) -> Optional[ReleaseName]:
         """Parse a repo id or directory name (owner prefix and trailing slash ignored); None if no match."""
         m = _REPO_NAME.match(name.rstrip("/").split("/")[-1])
         return cls(m["model"], int(m["width_k"]), int(m["k"])) if m else None
 
     @classmethod
-    def for_sae(cls, model: str, d_sae: int, k: int) -> "ReleaseName":
+    def for_sae(cls, model: str, d_sae: int, k: int) -> ReleaseName:
         if d_sae % 1024:
             raise ValueError(f"release names give the width in K (1024s); d_sae={d_sae} is not a multiple of 1024")
         return cls(model, d_sae // 1024, k)
@@ -105,7 +105,9 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
 def validate(obj: Any, where: str = "checkpoint") -> tuple[int, int]:
     """Check keys, ranks, agreeing shapes, floating dtype and finite values; return (d_model, d_sae)."""
     if not isinstance(obj, dict):
-        raise ReleaseFormatError(f"{where}: expected a dict of the four tensors {RELEASE_KEYS}, found {type(obj).__name__}")
+        raise ReleaseFormatError(
+            f"{where}: expected a dict of the four tensors {RELEASE_KEYS}, found {type(obj).__name__}"
+        )
     missing = [k for k in RELEASE_KEYS if k not in obj]
     extra = sorted(str(k) for k in obj if k not in RELEASE_KEYS)
     if missing:
@@ -124,7 +126,10 @@ def validate(obj: Any, where: str = "checkpoint") -> tuple[int, int]:
                 f"{where}: key {key!r}: expected a {rank}-D tensor, found shape {tuple(obj[key].shape)}"
             )
     d_sae, d_model = obj["b_enc"].shape[0], obj["b_dec"].shape[0]
-    for key, want, names in (("W_enc", (d_sae, d_model), "(d_sae, d_model)"), ("W_dec", (d_model, d_sae), "(d_model, d_sae)")):
+    for key, want, names in (
+        ("W_enc", (d_sae, d_model), "(d_sae, d_model)"),
+        ("W_dec", (d_model, d_sae), "(d_model, d_sae)"),
+    ):
         got = tuple(obj[key].shape)
         if got != want:
             hint = " (transposed?)" if got == want[::-1] else ""

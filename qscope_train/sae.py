@@ -69,9 +69,7 @@ class TopKSAE(nn.Module):
             self.b_dec.copy_(x_sample_ND.float().mean(0))
 
     @classmethod
-    def from_release(
-        cls, tensors: dict[str, Tensor], k: int, activation: Activation = Activation.topk
-    ) -> "TopKSAE":
+    def from_release(cls, tensors: dict[str, Tensor], k: int, activation: Activation = Activation.topk) -> TopKSAE:
         """Build from the four release tensors (validated by release.validate), copied exactly."""
         d_sae, d_model = tensors["W_enc"].shape
         sae = cls(d_model, d_sae, k, activation, device=tensors["W_enc"].device)
@@ -88,8 +86,11 @@ class TopKSAE(nn.Module):
     # ----- encoder / decoder -----------------------------------------------------------------------
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        """x @ W_enc.T + b_enc, shape (B, d_sae); no b_dec subtraction, no input scaling."""
-        return F.linear(x_BD.to(self.W_enc.dtype), self.W_enc, self.b_enc)
+        """x @ W_enc.T + b_enc, shape (B, d_sae); no b_dec subtraction, no input scaling.
+
+        Written as the card writes it (matmul, then add) so features match the card bit for bit.
+        """
+        return x_BD.to(self.W_enc.dtype) @ self.W_enc.T + self.b_enc
 
     def select(self, pre_BF: Tensor) -> SparseCode:
         """Top-k of the pre-activations (after a ReLU for relu_topk)."""

@@ -7,9 +7,10 @@ verified, in order or shuffled through a bounded buffer.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -64,7 +65,9 @@ def read_shard(root: Path, rec: ShardRecord, width: int, dtype: str) -> Tensor:
     except zstandard.ZstdError as e:
         raise CorruptShardError(f"shard {path} does not decompress: {e}") from None
     if len(raw) != expected:
-        raise CorruptShardError(f"shard {path} holds {len(raw)} bytes, expected {expected} ({rec.rows}×{width} {dtype})")
+        raise CorruptShardError(
+            f"shard {path} holds {len(raw)} bytes, expected {expected} ({rec.rows}×{width} {dtype})"
+        )
     flat = torch.from_numpy(np.frombuffer(bytearray(raw), dtype=np.uint8))
     return flat.view(torch_dtype).view(rec.rows, width)
 

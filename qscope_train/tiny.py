@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 FIXTURE_VERSION = 1
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -115,7 +115,15 @@ def build_models(tokenizer, out: Path, seed: int = 0) -> dict[str, Path]:
 
     ids = _token_ids(tokenizer)
     text35 = dict(TINY_SHAPE, **QWEN3_5_LINEAR, **ids)
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4, num_position_embeddings=64)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=4,
+        num_position_embeddings=64,
+    )
     builders = {
         "tiny-qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY_SHAPE, **ids)),
         "tiny-qwen3_5": lambda: Qwen3_5ForCausalLM(Qwen3_5TextConfig(**text35)),

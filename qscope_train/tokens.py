@@ -6,9 +6,9 @@ evaluation sequence is ever trained on. The order is deterministic for a given d
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -31,7 +31,9 @@ def load_text_dataset(cfg: DataConfig):
                 f"data.dataset={cfg.dataset!r}: expected one kind of .txt / .json / .jsonl / .parquet files, "
                 f"found {[p.name for p in files][:10] or 'none'}"
             )
-        ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=cfg.streaming)
+        ds = datasets.load_dataset(
+            kinds.pop(), data_files=[str(p) for p in files], split="train", streaming=cfg.streaming
+        )
     else:
         ds = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
     columns = ds.column_names

@@ -17,7 +17,9 @@ from .config import WandbConfig, WandbMode
 class Tracker:
     """Per-step metrics {layer: {name: value}} go to log.jsonl and, when enabled, to wandb."""
 
-    def __init__(self, run_dir: Path, wandb_cfg: WandbConfig, run_name: str, config: dict, is_main: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, wandb_cfg: WandbConfig, run_name: str, config: dict, is_main: bool = True
+    ) -> None:
         self.is_main = is_main
         self.path = run_dir / "log.jsonl"
         self._wandb = None
@@ -39,7 +41,13 @@ class Tracker:
     def log(self, stage: str, step: int, metrics: dict[Any, dict], **extra: Any) -> None:
         if not self.is_main:
             return
-        record = {"time": round(time.time(), 3), "stage": stage, "step": step, **extra, "layers": {str(k): v for k, v in metrics.items()}}
+        record = {
+            "time": round(time.time(), 3),
+            "stage": stage,
+            "step": step,
+            **extra,
+            "layers": {str(k): v for k, v in metrics.items()},
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
@@ -49,7 +57,9 @@ class Tracker:
     def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "it"):
         if not self.is_main:
             return nullcontext(_NullBar())
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        return tqdm(
+            total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr, mininterval=0.5
+        )
 
     def close(self) -> None:
         if self._wandb is not None:

@@ -7,8 +7,9 @@ Adam step, renormalise decoder columns, update the tokens-since-fired counters.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -107,13 +108,15 @@ def fit(
         yield from batches
 
     with progress(total=total_steps, desc="fit", unit="step") as bar:
-        for step, batch in zip(range(total_steps), batches_with_first()):
+        for step, batch in zip(range(total_steps), batches_with_first(), strict=False):
             metrics = {}
             for n, state in states.items():
                 try:
                     m = train_step(state, batch[n].to(device, non_blocking=True))
                 except NonFiniteLossError as e:
-                    raise NonFiniteLossError(f"layer {n}, step {step}: {e}; stopping (check the activations and lr)") from None
+                    raise NonFiniteLossError(
+                        f"layer {n}, step {step}: {e}; stopping (check the activations and lr)"
+                    ) from None
                 m["dead_frac"] = float((state.since_fired_F >= cfg.dead_after_tokens).float().mean())
                 m["lr"] = state.sched.get_last_lr()[0]
                 metrics[n] = m

@@ -1,0 +1,89 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from qscope_train.cli import compose
+from qscope_train.config import Activation, RunConfig, Stage
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def test_there_are_experiment_presets():
+    assert {"demo", "qwen3_1.7b_base_w32k_k100", "qwen3.5_2b_base_w32k_k50"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_into_a_typed_config(name):
+    cfg = compose([f"experiment={name}"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.layers and cfg.model.name_or_path and cfg.data.dataset
+    assert cfg.stages == list(Stage)
+
+
+@pytest.mark.parametrize("group", ["model", "sae", "data", "trainer"])
+def test_every_group_option_composes(group):
+    for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+        compose([f"{group}={option}"])
+
+
+def test_release_presets_reproduce_the_release_properties():
+    q3 = compose(["experiment=qwen3_1.7b_base_w32k_k100"])
+    assert q3.model.name_or_path == "Qwen/Qwen3-1.7B-Base"
+    assert (q3.sae.d_sae, q3.sae.k, q3.layers) == (32768, 100, list(range(28)))
+    q35 = compose(["experiment=qwen3.5_2b_base_w32k_k50"])
+    assert q35.model.name_or_path == "Qwen/Qwen3.5-2B-Base"
+    assert (q35.sae.d_sae, q35.sae.k, q35.layers) == (32768, 50, list(range(24)))
+
+
+def test_overrides_are_typed():
+    cfg = compose(["sae.activation=relu_topk", "stages=[fit,export]", "layers=[0,3]", "trainer.lr=1e-3"])
+    assert cfg.sae.activation is Activation.relu_topk
+    assert cfg.stages == [Stage.fit, Stage.export]
+    assert cfg.layers == [0, 3] and cfg.trainer.lr == 1e-3
+
+
+def test_mistyped_key_fails_with_hydras_message():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["sae.kk=3"])
+    assert isinstance(info.value.__cause__, (ConfigAttributeError, ConfigKeyError))
+    assert "Key 'kk' not in 'SAEConfig'" in str(info.value.__cause__)
+
+
+def test_typo_inside_a_yaml_preset_fails(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\nlayers: [0]\ndata:\n  contex_len: 64\n")
+    with pytest.raises(Exception, match="contex_len"):
+        compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine"])
+
+
+def test_wrong_type_fails():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["sae.k=many"])
+    assert isinstance(info.value.__cause__, ValidationError)
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ValueError, match=r"sae.k must be in 1..d_sae \(1024\), got 0"):
+        compose(["sae.k=0"])
+    with pytest.raises(ValueError, match="layers has duplicates"):
+        compose(["layers=[1,1]"])
+
+
+def test_cli_typo_exits_with_hydras_message(tmp_path):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    out = subprocess.run(
+        [sys.executable, "-m", "qscope_train.cli", "trainer.bach_size=8"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "Key 'bach_size' not in 'TrainerConfig'" in out.stderr

@@ -1,0 +1,171 @@
+"""End to end on the tiny offline Qwen models: cache -> fit -> evaluate -> export, and the export's
+compatibility with the release card's own loading code."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import card_get_feature_acts
+
+from qscope_train import release
+from qscope_train.cli import compose
+from qscope_train.config import Activation, ModelConfig
+from qscope_train.lm import load_lm, run_captured
+from qscope_train.pipeline import run
+from qscope_train.sae import TopKSAE
+from qscope_train.tokens import packed_blocks
+
+SMALL = ["data.train_tokens=65536", "data.eval_tokens=8192", "data.shard_tokens=8192", "trainer.batch_size=512"]
+
+
+@pytest.fixture(scope="module")
+def demo(fixtures_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo")
+    cfg = compose(["experiment=demo", f"run_dir={run_dir}", *SMALL])
+    metrics = run(cfg, Accelerator(cpu=True))
+    return cfg, run_dir, metrics
+
+
+def test_demo_reconstructs_held_out_activations_better_than_the_mean(demo):
+    cfg, run_dir, metrics = demo
+    assert sorted(metrics) == [1, 2]
+    for n, m in metrics.items():
+        print(f"layer {n}: held-out FVU {m['fvu']:.4f}, L0 {m['l0']:.1f}, dead {m['dead_frac']:.2%}")
+        assert m["fvu"] < 0.5  # predicting the mean scores 1.0
+        assert m["l0"] == cfg.sae.k
+        assert m["n_tokens"] > 7000
+    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert saved["layers"]["1"]["fvu"] == metrics[1]["fvu"]
+
+
+def test_export_directory_layout(demo):
+    _, run_dir, _ = demo
+    names = sorted(p.name for p in (run_dir / "export").iterdir())
+    assert names == ["README.md", "layer1.json", "layer1.sae.pt", "layer2.json", "layer2.sae.pt"]
+    raw = torch.load(run_dir / "export" / "layer1.sae.pt", weights_only=True)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in raw.items()} == {
+        "W_enc": ((1024, 64), torch.float32),
+        "W_dec": ((64, 1024), torch.float32),
+        "b_enc": ((1024,), torch.float32),
+        "b_dec": ((64,), torch.float32),
+    }
+    fit = torch.load(run_dir / "fit" / "layer1.sae.pt", weights_only=True)
+    assert all(torch.equal(raw[k], fit[k]) for k in raw)
+
+
+def test_sidecar_and_model_card(demo):
+    _, run_dir, metrics = demo
+    side = json.loads((run_dir / "export" / "layer2.json").read_text())
+    assert side["layer"] == 2 and side["k"] == 16 and side["d_sae"] == 1024 and side["d_model"] == 64
+    assert side["activation"] == "topk" and side["tokens_trained"] > 0
+    assert side["hook_point"].startswith("residual stream")
+    assert side["metrics"]["fvu"] == metrics[2]["fvu"]
+    card = (run_dir / "export" / "README.md").read_text()
+    for row in [
+        "| SAE width (d_sae) | 1024 |",
+        "| Hidden size (d_model) | 64 |",
+        "| Top-K | 16 |",
+        "| Expansion factor | 16× |",
+        "| Layers covered | 1 – 2 (2 layers total) |",
+        "| Hook point | Residual stream |",
+    ]:
+        assert row in card
+    assert "SAE-Res-tiny-qwen3-W1K-L0_16" in card
+
+
+def _real_activations(fixtures_dir, layers):
+    lm = load_lm(ModelConfig(name_or_path=str(fixtures_dir / "tiny-qwen3")))
+    texts = [json.loads(line)["text"] for line in (fixtures_dir / "corpus.jsonl").read_text().splitlines()[-40:]]
+    ids = torch.stack(list(packed_blocks(texts, lm.tokenizer, 64))[:8])
+    acts = run_captured(lm, layers, ids)
+    return {n: a.reshape(-1, a.shape[-1]) for n, a in acts.items()}
+
+
+def test_exported_file_gives_the_cards_features_on_real_activations(demo, fixtures_dir):
+    cfg, run_dir, _ = demo
+    acts = _real_activations(fixtures_dir, [1, 2])
+    for n, x in acts.items():
+        path = run_dir / "export" / f"layer{n}.sae.pt"
+        card_sae = torch.load(path, map_location="cpu", weights_only=True)  # what the card's snippet does
+        ours = release.load_sae(run_dir / "export", layer=n)
+        assert ours.k == cfg.sae.k
+        card = card_get_feature_acts(card_sae, x, cfg.sae.k)
+        assert torch.equal(ours.encode(x), card)
+        assert card.count_nonzero(-1).eq(cfg.sae.k).all()
+        relu = TopKSAE.from_release(card_sae, cfg.sae.k, Activation.relu_topk)
+        assert torch.equal(relu.encode(x), card_get_feature_acts(card_sae, x, cfg.sae.k, relu=True))
+        # and decoding through the card's formula is our reconstruction
+        x_hat = card @ card_sae["W_dec"].T + card_sae["b_dec"]
+        torch.testing.assert_close(ours(x).x_hat_BD, x_hat, rtol=1e-4, atol=1e-5)
+    # the same check on random inputs far from the training distribution
+    x = torch.randn(256, 64) * 4
+    assert torch.equal(
+        release.load_sae(run_dir / "export", layer=1).encode(x),
+        card_get_feature_acts(torch.load(run_dir / "export" / "layer1.sae.pt", weights_only=True), x, cfg.sae.k),
+    )
+
+
+def test_stages_run_alone_and_say_what_is_missing(demo, tmp_path):
+    _, run_dir, _ = demo
+    with pytest.raises(FileNotFoundError, match="run the cache stage first"):
+        run(compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[fit]"]), Accelerator(cpu=True))
+    with pytest.raises(FileNotFoundError, match="run the fit stage first"):
+        run(compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[export]"]), Accelerator(cpu=True))
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")
+    cfg = compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[fit,export]", "trainer.max_steps=5", *SMALL])
+    assert run(cfg, Accelerator(cpu=True)) == {}
+    assert (tmp_path / "export" / "layer2.sae.pt").is_file()
+    assert "metrics" not in json.loads((tmp_path / "export" / "layer2.json").read_text())
+    assert not (tmp_path / "eval").exists()
+
+
+def test_existing_cache_is_reused_or_refused(demo):
+    _, run_dir, _ = demo
+    manifest = run_dir / "cache" / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    run(compose(["experiment=demo", f"run_dir={run_dir}", "stages=[cache]", *SMALL]), Accelerator(cpu=True))
+    assert manifest.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="already holds a cache made with other settings"):
+        run(
+            compose(["experiment=demo", f"run_dir={run_dir}", "stages=[cache]", "layers=[0]", *SMALL]),
+            Accelerator(cpu=True),
+        )
+
+
+def test_console_command_runs_from_any_directory(fixtures_dir, tmp_path):
+    exe = Path(sys.executable).with_name("qscope-train")
+    args = [str(exe), f"run_dir={tmp_path / 'run'}", "trainer.max_steps=30", *SMALL]
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir))
+    out = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "layer      FVU" in out.stdout
+    assert (tmp_path / "run" / "export" / "layer1.sae.pt").is_file()
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+
+
+def test_console_command_gives_one_line_errors(fixtures_dir, tmp_path):
+    exe = Path(sys.executable).with_name("qscope-train")
+    out = subprocess.run(
+        [str(exe), f"run_dir={tmp_path}", "stages=[export]"],
+        cwd=tmp_path,
+        env=dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "run the fit stage first" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_qwen3_5_demo_pipeline(fixtures_dir, tmp_path):
+    cfg = compose(["experiment=demo_qwen3_5", f"run_dir={tmp_path}", *SMALL])
+    metrics = run(cfg, Accelerator(cpu=True))
+    assert sorted(metrics) == [0, 1]
+    assert all(m["fvu"] < 0.5 for m in metrics.values()), metrics

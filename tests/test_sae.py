@@ -1,0 +1,73 @@
+import pytest
+import torch
+from conftest import card_get_feature_acts, random_release
+
+from qscope_train.config import Activation
+from qscope_train.losses import fvu
+from qscope_train.sae import TopKSAE
+
+
+@pytest.mark.parametrize("activation", [Activation.topk, Activation.relu_topk])
+def test_encode_equals_the_card_on_random_inputs(activation):
+    tensors = random_release(d_model=32, d_sae=256)
+    sae = TopKSAE.from_release(tensors, k=20, activation=activation)
+    x = torch.randn(300, 32) * 3
+    ours = sae.encode(x)
+    card = card_get_feature_acts(tensors, x, 20, relu=activation is Activation.relu_topk)
+    assert torch.equal(ours, card)
+    assert (ours != 0).sum(-1).max() <= 20
+
+
+def test_relu_variant_differs_from_plain_topk_when_pre_acts_are_negative():
+    tensors = random_release(d_model=8, d_sae=64)
+    tensors["b_enc"] -= 100.0  # every pre-activation negative
+    x = torch.randn(10, 8)
+    plain = TopKSAE.from_release(tensors, 4, Activation.topk).encode(x)
+    relu = TopKSAE.from_release(tensors, 4, Activation.relu_topk).encode(x)
+    assert (plain < 0).sum(-1).eq(4).all()
+    assert torch.equal(relu, torch.zeros_like(relu))
+
+
+def test_release_module_release_round_trip_is_exact():
+    tensors = random_release()
+    back = TopKSAE.from_release(tensors, k=8).to_release()
+    assert list(back) == ["W_enc", "W_dec", "b_enc", "b_dec"]
+    for key in tensors:
+        assert torch.equal(back[key], tensors[key])
+
+
+def test_sparse_decode_matches_dense_decode():
+    sae = TopKSAE(16, 128, 10)
+    x = torch.randn(50, 16)
+    dense = sae.decode(sae.encode(x))
+    torch.testing.assert_close(sae(x).x_hat_BD, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_init_gives_unit_norm_decoder_and_tied_encoder():
+    sae = TopKSAE(16, 128, 10)
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(128))
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+
+
+def test_parallel_gradient_removal_and_renorm():
+    sae = TopKSAE(16, 128, 10)
+    x = torch.randn(64, 16)
+    fvu(x, sae(x).x_hat_BD).backward()
+    sae.remove_parallel_grad_()
+    along = (sae.W_dec.grad * sae.W_dec).sum(0)
+    assert along.abs().max() < 1e-6
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.unit_norm_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(128))
+
+
+def test_fvu_is_one_for_the_mean_and_zero_for_perfect():
+    x = torch.randn(100, 8)
+    assert fvu(x, x).item() == 0
+    torch.testing.assert_close(fvu(x, x.mean(0, keepdim=True).expand_as(x)), torch.tensor(1.0))
+
+
+def test_bad_k_is_refused():
+    with pytest.raises(ValueError, match="k must be in 1..d_sae"):
+        TopKSAE(8, 16, 17)
