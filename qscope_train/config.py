@@ -34,6 +34,28 @@ class DType(Enum):
     float16 = "float16"
 
 
+class SequenceMode(Enum):
+    """How documents become fixed-length sequences."""
+
+    packed = "packed"  # documents joined with EOS and cut every context_len tokens
+    per_sequence = "per_sequence"  # one document / conversation per sequence, right-padded
+
+
+class TextFormat(Enum):
+    text = "text"  # text_field holds a string
+    chat = "chat"  # text_field holds a list of {role, content} messages, rendered with the chat template
+
+
+class ActivationSource(Enum):
+    cache = "cache"  # train from the shards written by the cache stage
+    live = "live"  # run the model during training; nothing is written to disk
+
+
+class OnCorrupt(Enum):
+    error = "error"  # stop with an error naming the shard
+    skip = "skip"  # warn, leave the shard out, and go on
+
+
 class WandbMode(Enum):
     disabled = "disabled"
     offline = "offline"
@@ -74,7 +96,7 @@ class SAEConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from and which activations are kept."""
+    """Where tokens come from, which activations are kept, and how they are cached and read."""
 
     dataset: str = MISSING
     """Hub dataset id, or a local .txt / .json / .jsonl / .parquet file or a directory of them."""
@@ -83,36 +105,84 @@ class DataConfig:
     split: str = "train"
     """Dataset split to read."""
     text_field: str = "text"
-    """Column holding the document text."""
+    """Column holding the document text (or, with format=chat, the list of messages)."""
+    format: TextFormat = TextFormat.text
+    """text: plain documents; chat: conversations rendered with the tokenizer's chat template."""
+    mode: SequenceMode = SequenceMode.packed
+    """packed: documents joined with EOS; per_sequence: one document / conversation per sequence."""
     streaming: bool = False
     """Stream the dataset instead of downloading it whole (large hub datasets)."""
+    shuffle: bool = False
+    """Shuffle documents with `seed` before tokenizing (streaming uses a 10k-document buffer)."""
+    seed: int = 0
+    """Seed of the document shuffle; the stream order is deterministic for a given seed."""
     context_len: int = 1024
-    """Tokens per sequence fed to the model (documents are packed)."""
+    """Tokens per sequence fed to the model."""
     train_tokens: int = 10_000_000
     """Sequence tokens to run through the model for the training split (before filters)."""
     eval_tokens: int = 262_144
     """Sequence tokens for the held-out split; taken from sequences never used for training."""
-    forward_batch_size: int = 8
-    """Sequences per language-model forward pass."""
-    cache_dtype: DType = DType.bfloat16
-    """Dtype of cached activations on disk."""
+    forward_batch_tokens: int = 16384
+    """Tokens per language-model forward pass (a multiple of context_len is used)."""
     shard_tokens: int = 65536
-    """Activation rows per cache shard file."""
+    """Sequence tokens per cache shard (rounded down to whole sequences); every layer is cut alike."""
+    cache_dtype: DType = DType.bfloat16
+    """Dtype of cached (and live) activations."""
+    byte_split: bool = True
+    """Store the high and low bytes of 16-bit values apart, which compresses better."""
+    zstd_level: int = 1
+    """zstandard level of the shards."""
+    store_tokens: bool = False
+    """Also store token ids and, per layer, the position of every kept row."""
     drop_first_position: bool = True
     """Drop position 0 of each sequence (the attention sink, norm far above the rest)."""
     drop_special_tokens: bool = True
     """Drop activations at the tokenizer's special tokens (BOS/EOS/PAD and other added specials)."""
+    drop_token_ids: list[int] = field(default_factory=list)
+    """Further token ids whose activations are dropped."""
     outlier_norm_factor: float = 10.0
-    """Drop activations whose norm exceeds this multiple of the batch median norm; 0 disables."""
+    """Drop activations whose norm exceeds this multiple of the layer's running median norm; 0 disables."""
+    source: ActivationSource = ActivationSource.cache
+    """Where the fit stage reads activations: the cache, or the model itself (live)."""
+    shuffle_buffer_tokens: int = 131072
+    """Activation rows per layer held in memory for shuffling while reading (sets the reader's memory)."""
+    shuffle_shards: bool = True
+    """Visit cache shards in a new random order each epoch (live mode keeps the stream order)."""
+    reader_threads: int = 2
+    """Background threads that read and decompress shards ahead of the trainer."""
+    on_corrupt: OnCorrupt = OnCorrupt.error
+    """What the reader does with a shard that fails its checksum: error, or skip with a warning."""
 
     def __post_init__(self) -> None:
-        for name in ("context_len", "train_tokens", "eval_tokens", "forward_batch_size", "shard_tokens"):
+        for name in (
+            "context_len",
+            "train_tokens",
+            "eval_tokens",
+            "forward_batch_tokens",
+            "shard_tokens",
+            "shuffle_buffer_tokens",
+            "reader_threads",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.context_len < 2:
             raise ValueError(f"data.context_len must be at least 2, got {self.context_len}")
+        if self.shard_tokens < self.context_len:
+            raise ValueError(
+                f"data.shard_tokens ({self.shard_tokens}) must hold at least one sequence of {self.context_len}"
+            )
         if self.outlier_norm_factor < 0:
             raise ValueError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"data.zstd_level must be in 1..22, got {self.zstd_level}")
+
+    @property
+    def shard_sequences(self) -> int:
+        return self.shard_tokens // self.context_len
+
+    @property
+    def forward_sequences(self) -> int:
+        return max(1, self.forward_batch_tokens // self.context_len)
 
 
 @dataclass
@@ -131,8 +201,6 @@ class TrainerConfig:
     """Stop after this many steps; None means one pass over the cached training split."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
-    shuffle_buffer_shards: int = 4
-    """Cache shards mixed in memory at once when reading training batches."""
     seed: int = 0
     """Seed for initialisation and batch order."""
     log_every: int = 20

@@ -14,11 +14,12 @@ from typing import Optional
 import torch
 
 from . import __version__, release, shards
-from .activations import build_cache, cached_eval_rows, cached_train_batches, check_cache, split_rows
-from .config import RunConfig, Stage, to_plain
-from .evaluate import evaluate_sae
+from .cache import build_cache
+from .config import ActivationSource, RunConfig, Stage, to_plain
+from .evaluate import Evaluator
 from .fsutil import atomic_write_json, read_json
 from .lm import load_lm
+from .reader import cached_batches, eval_rows, live_batches, live_chunks
 from .sae import TopKSAE
 from .tracking import Tracker
 from .trainer import fit
@@ -34,10 +35,11 @@ class RunDirs:
 
 def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
     """Run the configured stages; returns the held-out metrics per layer (empty if not evaluated)."""
-    if accelerator.num_processes > 1:
+    single = [s.value for s in cfg.stages if s is not Stage.cache]
+    if accelerator.num_processes > 1 and single:
         raise NotImplementedError(
-            f"this version runs as a single process (got {accelerator.num_processes}); "
-            "multi-process caching and training are tracked in the cache and trainer issues"
+            f"stages {single} run as a single process for now (got {accelerator.num_processes}); "
+            "launch several processes for stages=[cache] only (multi-process training is tracked in the trainer issue)"
         )
     dirs = RunDirs(Path(cfg.run_dir))
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
@@ -45,7 +47,7 @@ def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
     metrics: dict[int, dict] = {}
     try:
         if Stage.cache in cfg.stages:
-            cache_stage(cfg, dirs, device, tracker)
+            cache_stage(cfg, dirs, accelerator, tracker)
         if Stage.fit in cfg.stages:
             fit_stage(cfg, dirs, device, tracker)
         if Stage.evaluate in cfg.stages:
@@ -59,56 +61,100 @@ def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
     return metrics
 
 
-def cache_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict:
-    lm = load_lm(cfg.model, device)
-    manifest = build_cache(lm, cfg.layers, cfg.data, dirs.cache, device, tracker.progress, cfg.model.revision)
-    for split in ("train", "eval"):
-        for n in cfg.layers:
-            f = manifest["splits"][split][str(n)]["filters"]
-            tracker.log("cache", 0, {n: f}, split=split)
-    n0 = str(cfg.layers[0])
-    f = manifest["splits"]["train"][n0]["filters"]
-    print(
-        f"cache: {f['seen']:,} train tokens/layer seen, {f['kept']:,} kept "
-        f"(dropped: position 0 {f['dropped_position0']:,}, special {f['dropped_special']:,}, "
-        f"outlier {f['dropped_outlier']:,} on layer {n0}) -> {dirs.cache}"
+def cache_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
+    lm = load_lm(cfg.model, accelerator.device)
+    manifest = build_cache(
+        lm,
+        cfg.layers,
+        cfg.data,
+        dirs.cache,
+        accelerator.device,
+        tracker.progress,
+        cfg.model.revision,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        barrier=accelerator.wait_for_everyone,
     )
+    for split, info in manifest["splits"].items():
+        tracker.log("cache", 0, {int(n): lay["filters"] for n, lay in info["layers"].items()}, split=split)
+    if accelerator.is_main_process:
+        print(cache_summary(manifest, dirs.cache))
     return manifest
+
+
+def cache_summary(manifest: dict, root: Path) -> str:
+    train = manifest["splits"]["train"]
+    n_layers = len(manifest["layers"])
+    rows = sum(lay["rows"] for sp in manifest["splits"].values() for lay in sp["layers"].values())
+    drops = {
+        k: sum(lay["filters"][k] for lay in train["layers"].values()) // n_layers
+        for k in ("dropped_position0", "dropped_padding", "dropped_special", "dropped_outlier")
+    }
+    return (
+        f"cache: {train['tokens']:,} train + {manifest['splits']['eval']['tokens']:,} held-out tokens, "
+        f"{n_layers} layers -> {root}\n"
+        f"  {manifest['compressed_bytes'] / max(rows, 1):.0f} bytes/token/layer on disk, "
+        f"compression {manifest['raw_bytes'] / max(manifest['compressed_bytes'], 1):.3f}x "
+        f"({manifest['codec']['dtype']}, byte_split={manifest['codec']['byte_split']})\n"
+        f"  dropped per layer (train, mean): "
+        + ", ".join(f"{k.removeprefix('dropped_')} {v:,}" for k, v in drops.items())
+    )
 
 
 def _manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
     manifest = shards.read_manifest(dirs.cache)
-    check_cache(manifest, cfg.layers, dirs.cache)
+    missing = sorted(set(cfg.layers) - set(manifest["layers"]))
+    if missing:
+        raise ValueError(
+            f"the cache at {dirs.cache} has layers {manifest['layers']}, not {missing}: re-run the cache stage"
+        )
+    if manifest["model"] != cfg.model.name_or_path:
+        raise ValueError(
+            f"the cache at {dirs.cache} holds activations of {manifest['model']!r}, not {cfg.model.name_or_path!r}"
+        )
     return manifest
 
 
 def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
-    manifest = _manifest(cfg, dirs)
-    d_model = manifest["d_model"]
-    rows = min(split_rows(manifest, "train", n) for n in cfg.layers)
-    steps = cfg.trainer.max_steps or max(1, rows // cfg.trainer.batch_size)
-    g = torch.Generator().manual_seed(cfg.trainer.seed)
+    t = cfg.trainer
+    if cfg.data.source is ActivationSource.live:
+        lm = load_lm(cfg.model, device)
+        d_model, model_name = lm.d_model, lm.name
+        batches = live_batches(lm, cfg.layers, t.batch_size, cfg.data, t.seed, device)
+        steps = t.max_steps or max(1, cfg.data.train_tokens // t.batch_size)
+    else:
+        manifest = _manifest(cfg, dirs)
+        d_model, model_name = manifest["d_model"], manifest["model"]
+        rows = min(manifest["splits"]["train"]["layers"][str(n)]["rows"] for n in cfg.layers)
+        steps = t.max_steps or max(1, rows // t.batch_size)
+        batches = cached_batches(dirs.cache, manifest, cfg.layers, t.batch_size, cfg.data, t.seed)
+    g = torch.Generator().manual_seed(t.seed)
     saes = {}
     for n in cfg.layers:
         saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
         saes[n].init_weights_(generator=g)
-    batches = cached_train_batches(
-        dirs.cache, manifest, cfg.layers, cfg.trainer.batch_size, cfg.trainer.shuffle_buffer_shards, cfg.trainer.seed
-    )
-    summary = fit(saes, batches, cfg.trainer, steps, device, lambda s, m: tracker.log("fit", s, m), tracker.progress)
+    summary = fit(saes, iter(batches), t, steps, device, lambda s, m: tracker.log("fit", s, m), tracker.progress)
     for n, sae in saes.items():
         release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
-        release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, manifest, n, sae, summary[n]))
+        release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))
     return summary
 
 
 def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
-    manifest = _manifest(cfg, dirs)
-    metrics = {}
-    for n in cfg.layers:
-        sae = release.load_sae(dirs.fit, layer=n)
-        metrics[n] = evaluate_sae(sae, cached_eval_rows(dirs.cache, manifest, n, EVAL_BATCH), device)
-        metrics[n]["filters"] = manifest["splits"]["eval"][str(n)]["filters"]
+    evals = {n: Evaluator(release.load_sae(dirs.fit, layer=n), device, EVAL_BATCH) for n in cfg.layers}
+    if cfg.data.source is ActivationSource.live:
+        lm = load_lm(cfg.model, device)
+        for rows in live_chunks(lm, cfg.layers, cfg.data, "eval", device):
+            for n, x in rows.items():
+                evals[n].update(x)
+        filters = {}
+    else:
+        manifest = _manifest(cfg, dirs)
+        for n in cfg.layers:
+            for x in eval_rows(dirs.cache, manifest, n, EVAL_BATCH):
+                evals[n].update(x)
+        filters = {n: manifest["splits"]["eval"]["layers"][str(n)]["filters"] for n in cfg.layers}
+    metrics = {n: {**ev.result(), **({"filters": filters[n]} if n in filters else {})} for n, ev in evals.items()}
     tracker.log("evaluate", 0, metrics)
     atomic_write_json(dirs.eval / "metrics.json", {"layers": {str(n): m for n, m in metrics.items()}})
     return metrics
@@ -151,13 +197,13 @@ def release_name(cfg: RunConfig, d_sae: int, k: int) -> str:
     return f"SAE-Res-{model}-W{d_sae}-L0_{k}"
 
 
-def layer_meta(cfg: RunConfig, manifest: dict, n: int, sae: TopKSAE, summary: Optional[dict]) -> dict:
+def layer_meta(cfg: RunConfig, model_name: str, n: int, sae: TopKSAE, summary: Optional[dict]) -> dict:
     """The layer<n>.json sidecar: what the SAE reads, its shape, and how it was trained."""
     return {
         "format": "qwen-scope layer<n>.sae.pt",
         "release_name": release_name(cfg, sae.d_sae, sae.k),
-        "model": manifest["model"],
-        "model_revision": manifest.get("revision"),
+        "model": model_name,
+        "model_revision": cfg.model.revision,
         "layer": n,
         "hook_point": release.HOOK_POINT,
         "d_model": sae.d_model,

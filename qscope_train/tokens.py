@@ -1,21 +1,38 @@
-"""Datasets to fixed-length token blocks: documents tokenized, joined with EOS, and packed.
+"""Datasets to fixed-length token sequences, in a deterministic order that can resume exactly.
 
-The first blocks of the stream form the held-out split and the rest the training split, so no
-evaluation sequence is ever trained on. The order is deterministic for a given dataset.
+Two modes: `packed` joins documents with EOS and cuts every context_len tokens; `per_sequence`
+gives each document (or chat conversation, rendered with the tokenizer's chat template) its own
+right-padded sequence. The stream position after every sequence is a small StreamState.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .config import DataConfig
+from .config import DataConfig, SequenceMode, TextFormat
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TOKENIZE_CHUNK = 256
+
+
+class StreamState(NamedTuple):
+    """The next token to read is token `offset` of document `doc` (counting from the stream start)."""
+
+    doc: int = 0
+    offset: int = 0
+
+
+class Sequence(NamedTuple):
+    input_ids: Tensor  # (context_len,) long
+    attention_mask: Tensor  # (context_len,) bool; False on right padding
+    state: StreamState  # the stream position after this sequence
 
 
 def load_text_dataset(cfg: DataConfig):
@@ -36,52 +53,95 @@ def load_text_dataset(cfg: DataConfig):
         )
     else:
         ds = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
+    field = text_field(cfg)
     columns = ds.column_names
-    if columns is not None and cfg.text_field not in columns:
-        raise ValueError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
+    if columns is not None and field not in columns:
+        raise ValueError(f"data.text_field={field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
+    if cfg.shuffle:
+        ds = ds.shuffle(seed=cfg.seed, buffer_size=10_000) if cfg.streaming else ds.shuffle(seed=cfg.seed)
     return ds
 
 
-def iter_texts(ds, text_field: str) -> Iterator[str]:
-    for row in ds:
-        text = row[text_field]
-        if text:
-            yield text
+def text_field(cfg: DataConfig) -> str:
+    return cfg.text_field
 
 
-def packed_blocks(texts: Iterable[str], tokenizer, context_len: int, chunk: int = 256) -> Iterator[Tensor]:
-    """Yield LongTensor blocks of exactly context_len tokens; documents are separated by EOS."""
+def _documents(ds, cfg: DataConfig, tokenizer, start_doc: int) -> Iterator[list[int]]:
+    """Token ids of each document from index start_doc on (chat rendered with the template)."""
+    rows = ds.skip(start_doc) if start_doc else ds
+    field = text_field(cfg)
+    it = iter(rows)
+    while chunk := list(islice(it, TOKENIZE_CHUNK)):
+        if cfg.format is TextFormat.chat:
+            texts = [tokenizer.apply_chat_template(row[field], tokenize=False) for row in chunk]
+        else:
+            texts = [row[field] or "" for row in chunk]
+        yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def token_stream(ds, tokenizer, cfg: DataConfig, state: StreamState = StreamState()) -> Iterator[Sequence]:
+    """Sequences of exactly cfg.context_len tokens, starting at `state`."""
+    if cfg.mode is SequenceMode.packed:
+        return _packed(ds, tokenizer, cfg, state)
+    return _per_sequence(ds, tokenizer, cfg, state)
+
+
+def _packed(ds, tokenizer, cfg: DataConfig, state: StreamState) -> Iterator[Sequence]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id, which packing needs as the document separator")
-    buf: list[int] = []
-    it = iter(texts)
-    while batch := list(islice(it, chunk)):
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
-            buf.extend(ids)
-            buf.append(eos)
-        while len(buf) >= context_len:
-            yield torch.tensor(buf[:context_len], dtype=torch.long)
-            del buf[:context_len]
+    T = cfg.context_len
+    segments: deque[list] = deque()  # [doc index, tokens, offset of the first unread token]
+    buffered = 0
+    ones = torch.ones(T, dtype=torch.bool)
+    for i, ids in enumerate(_documents(ds, cfg, tokenizer, state.doc)):
+        doc = state.doc + i
+        tokens = [*ids, eos]
+        start = state.offset if doc == state.doc else 0
+        if start >= len(tokens):
+            continue
+        segments.append([doc, tokens, start])
+        buffered += len(tokens) - start
+        while buffered >= T:
+            out: list[int] = []
+            while len(out) < T:
+                seg = segments[0]
+                take = min(T - len(out), len(seg[1]) - seg[2])
+                out.extend(seg[1][seg[2] : seg[2] + take])
+                seg[2] += take
+                if seg[2] == len(seg[1]):
+                    segments.popleft()
+            buffered -= T
+            after = StreamState(segments[0][0], segments[0][2]) if segments else StreamState(doc + 1, 0)
+            yield Sequence(torch.tensor(out, dtype=torch.long), ones, after)
 
 
-def split_blocks(blocks: Iterator[Tensor], n_eval: int, n_train: int) -> tuple[list[Tensor], Iterator[Tensor]]:
-    """The first n_eval blocks (held out) and an iterator over the next n_train blocks."""
-    eval_blocks = list(islice(blocks, n_eval))
-    if len(eval_blocks) < n_eval:
-        raise ValueError(f"the dataset ran out after {len(eval_blocks)} sequences; the held-out split needs {n_eval}")
-    return eval_blocks, islice(blocks, n_train)
+def _per_sequence(ds, tokenizer, cfg: DataConfig, state: StreamState) -> Iterator[Sequence]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("per_sequence mode pads sequences and needs a pad or eos token id")
+    T = cfg.context_len
+    for i, ids in enumerate(_documents(ds, cfg, tokenizer, state.doc)):
+        if len(ids) < 2:
+            continue
+        ids = ids[:T]
+        n = len(ids)
+        input_ids = torch.full((T,), pad, dtype=torch.long)
+        input_ids[:n] = torch.tensor(ids, dtype=torch.long)
+        mask = torch.zeros(T, dtype=torch.bool)
+        mask[:n] = True
+        yield Sequence(input_ids, mask, StreamState(state.doc + i + 1, 0))
 
 
-def batched(blocks: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
-    """Stack blocks into (batch_size, context_len) LongTensors; the last batch may be smaller."""
-    it = iter(blocks)
+def batched(seqs: Iterable[Sequence], batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Stack sequences into (ids (B, T), mask (B, T)); the last batch may be smaller."""
+    it = iter(seqs)
     while batch := list(islice(it, batch_size)):
-        yield torch.stack(batch)
+        yield torch.stack([s.input_ids for s in batch]), torch.stack([s.attention_mask for s in batch])
 
 
-def special_token_ids(tokenizer) -> list[int]:
-    """Ids of every special token the tokenizer knows (BOS, EOS, PAD, chat markers, ...)."""
+def special_token_ids(tokenizer, extra: Iterable[int] = ()) -> list[int]:
+    """Ids of every special token the tokenizer knows (BOS, EOS, PAD, chat markers, ...) plus `extra`."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)
@@ -89,4 +149,5 @@ def special_token_ids(tokenizer) -> list[int]:
             ids.add(value)
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids.update(i for i, tok in added.items() if getattr(tok, "special", False))
+    ids.update(extra)
     return sorted(ids)

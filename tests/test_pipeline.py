@@ -15,11 +15,11 @@ from conftest import card_get_feature_acts
 
 from qscope_train import release
 from qscope_train.cli import compose
-from qscope_train.config import Activation, ModelConfig
+from qscope_train.config import Activation, DataConfig, ModelConfig
 from qscope_train.lm import load_lm, run_captured
 from qscope_train.pipeline import run
 from qscope_train.sae import TopKSAE
-from qscope_train.tokens import packed_blocks
+from qscope_train.tokens import load_text_dataset, token_stream
 
 SMALL = ["data.train_tokens=65536", "data.eval_tokens=8192", "data.shard_tokens=8192", "trainer.batch_size=512"]
 
@@ -81,8 +81,9 @@ def test_sidecar_and_model_card(demo):
 
 def _real_activations(fixtures_dir, layers):
     lm = load_lm(ModelConfig(name_or_path=str(fixtures_dir / "tiny-qwen3")))
-    texts = [json.loads(line)["text"] for line in (fixtures_dir / "corpus.jsonl").read_text().splitlines()[-40:]]
-    ids = torch.stack(list(packed_blocks(texts, lm.tokenizer, 64))[:8])
+    data = DataConfig(dataset=str(fixtures_dir / "corpus.jsonl"), context_len=64)
+    seqs = token_stream(load_text_dataset(data), lm.tokenizer, data)
+    ids = torch.stack([s.input_ids for _, s in zip(range(8), seqs, strict=False)])
     acts = run_captured(lm, layers, ids)
     return {n: a.reshape(-1, a.shape[-1]) for n, a in acts.items()}
 
@@ -99,7 +100,12 @@ def test_exported_file_gives_the_cards_features_on_real_activations(demo, fixtur
         assert torch.equal(ours.encode(x), card)
         assert card.count_nonzero(-1).eq(cfg.sae.k).all()
         relu = TopKSAE.from_release(card_sae, cfg.sae.k, Activation.relu_topk)
-        assert torch.equal(relu.encode(x), card_get_feature_acts(card_sae, x, cfg.sae.k, relu=True))
+        # Scaled-down activations leave many top-k pre-activations negative, where ReLU matters.
+        for inp in (x, 0.1 * x):
+            want = card_get_feature_acts(card_sae, inp, cfg.sae.k, relu=True)
+            assert torch.equal(relu.encode(inp), want)
+        differs = (relu.encode(0.1 * x) != card_get_feature_acts(card_sae, 0.1 * x, cfg.sae.k)).any(-1)
+        assert differs.float().mean() > 0.5
         # and decoding through the card's formula is our reconstruction
         x_hat = card @ card_sae["W_dec"].T + card_sae["b_dec"]
         torch.testing.assert_close(ours(x).x_hat_BD, x_hat, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,263 @@
+"""The cache stage: one truncated forward per batch for every layer, written as checksummed shards.
+
+The sequence stream is cut into chunks of shard_tokens; chunk c is one shard per layer, written
+by rank c % world. After a chunk's shards are on disk, the rank appends a line to its progress
+log and then rewrites its resume state (stream position, running medians); a killed run started
+again continues after the last recorded chunk and ends with the same shards and manifest. The
+main process merges the ranks' logs into manifest.json once every rank is done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import shards
+from .activations import ChunkRows, FilterCounts, RunningMedian, chunked, forward_chunk, make_filter
+from .config import DataConfig, to_plain
+from .fsutil import atomic_write_json, read_json
+from .lm import LoadedLM
+from .shards import Codec
+from .tokens import StreamState, load_text_dataset, token_stream
+
+CACHE_FORMAT = 2
+SPLITS = ("eval", "train")
+
+
+def codec_for(cfg: DataConfig) -> Codec:
+    return Codec(cfg.cache_dtype.value, cfg.byte_split, cfg.zstd_level)
+
+
+def fingerprint(model: str, revision: str | None, layers: Sequence[int], cfg: DataConfig, world: int) -> dict:
+    """Everything that decides the cached bytes; a cache is reused or resumed only when this matches."""
+    reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt"}
+    data = {k: v for k, v in to_plain(cfg).items() if k not in reader_only}
+    return {
+        "format": CACHE_FORMAT,
+        "model": model,
+        "revision": revision,
+        "layers": sorted(layers),
+        "data": data,
+        "world": world,
+    }
+
+
+def plan(cfg: DataConfig) -> dict[str, range]:
+    """Global chunk indices of each split: the held-out chunks come first in the stream."""
+    per_chunk = cfg.shard_sequences * cfg.context_len
+    n_eval, n_train = math.ceil(cfg.eval_tokens / per_chunk), math.ceil(cfg.train_tokens / per_chunk)
+    return {"eval": range(0, n_eval), "train": range(n_eval, n_eval + n_train)}
+
+
+def split_of(chunk: int, chunks: dict[str, range]) -> str:
+    return next(s for s, r in chunks.items() if chunk in r)
+
+
+class _Progress:
+    """One rank's append-only chunk log plus its overwritten resume state."""
+
+    def __init__(self, root: Path, rank: int, fp: dict) -> None:
+        self.log = root / "progress" / f"rank{rank}.jsonl"
+        self.state_file = root / "progress" / f"rank{rank}.state.json"
+        self.fp = fp
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        state = read_json(self.state_file)
+        if state["fingerprint"] != self.fp:
+            raise ValueError(
+                f"{self.state_file.parent.parent} holds a partial cache made with other settings; delete it or "
+                f"choose another run_dir (cached: {state['fingerprint']}, asked: {self.fp})"
+            )
+        return state
+
+    def commit(self, entry: dict, state: dict) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_json(self.state_file, {"fingerprint": self.fp, **state})
+
+    def finish(self) -> None:
+        state = self.load() or {"next_chunk": 0, "stream": [0, 0], "medians": {}}
+        atomic_write_json(self.state_file, {**state, "fingerprint": self.fp, "finished": True})
+
+    def entries(self, before_chunk: int) -> dict[int, dict]:
+        """Complete log lines for chunks below before_chunk (a torn last line is ignored)."""
+        out = {}
+        if self.log.is_file():
+            for line in self.log.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if e["chunk"] < before_chunk:
+                    out[e["chunk"]] = e
+        return out
+
+
+def _write_chunk(root: Path, c: int, split: str, chunk: ChunkRows, codec: Codec, store_tokens: bool) -> dict:
+    entry = {"chunk": c, "split": split, "sequences": int(chunk.input_ids.shape[0]), "layers": {}}
+    ids_codec = Codec("int32", False, codec.level)
+    for n, rows in chunk.rows.items():
+        rec = shards.write_shard(root, f"{split}/layer{n}/shard-{c:06d}.zst", rows, codec)
+        entry["layers"][str(n)] = {"shard": asdict(rec), "filters": asdict(chunk.counts[n])}
+        if store_tokens:
+            pos = shards.write_shard(root, f"{split}/layer{n}/positions-{c:06d}.zst", chunk.positions[n], ids_codec)
+            entry["layers"][str(n)]["positions"] = asdict(pos)
+    if store_tokens:
+        entry["token_ids"] = asdict(shards.write_shard(root, f"{split}/tokens-{c:06d}.zst", chunk.input_ids, ids_codec))
+    return entry
+
+
+class _Writer:
+    """Compresses and commits chunks on a background thread so the forward pass never waits on disk."""
+
+    def __init__(self, root: Path, progress: _Progress, codec: Codec, store_tokens: bool, depth: int = 2) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.bytes = 0
+        self._args = (root, codec, store_tokens)
+        self._progress = progress
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    c, split, chunk, state = item
+                    entry = _write_chunk(self._args[0], c, split, chunk, *self._args[1:])
+                    self._progress.commit(entry, state)
+                    self.bytes += sum(v["shard"]["nbytes"] for v in entry["layers"].values())
+                except BaseException as e:  # surfaced to the producer on its next put/close
+                    self.error = e
+
+    def put(self, item) -> None:
+        if self.error:
+            raise self.error
+        self.q.put(item)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self._thread.join()
+        if self.error:
+            raise self.error
+
+
+def build_cache(
+    lm: LoadedLM,
+    layer_ids: Sequence[int],
+    cfg: DataConfig,
+    root: Path,
+    device: torch.device | str,
+    progress: Callable[..., object],
+    revision: str | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+) -> dict:
+    """Write (or finish) the cache under root and return its manifest."""
+    fp = fingerprint(lm.name, revision, layer_ids, cfg, world)
+    if (root / shards.MANIFEST).is_file():
+        old = shards.read_manifest(root)
+        if old.get("fingerprint") == fp:
+            return old
+        raise ValueError(
+            f"{root} already holds a cache made with other settings; delete it or choose another run_dir "
+            f"(cached: {old.get('fingerprint')}, asked: {fp})"
+        )
+    chunks = plan(cfg)
+    total = chunks["train"].stop
+    prog = _Progress(root, rank, fp)
+    saved = prog.load() or {"next_chunk": 0, "stream": [0, 0], "medians": {}}
+    start = saved["next_chunk"]
+    medians = {s: {int(n): RunningMedian(m) for n, m in saved["medians"].get(s, {}).items()} for s in SPLITS}
+    filters = {s: make_filter(lm, cfg, medians[s]) for s in SPLITS}
+    stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg, StreamState(*saved["stream"]))
+    writer = _Writer(root, prog, codec_for(cfg), cfg.store_tokens)
+    mine = [c for c in range(start, total) if c % world == rank]
+    with progress(total=len(mine) * cfg.shard_tokens, desc=f"cache[rank {rank}]", unit="tok") as bar:
+        try:
+            for c, seqs in zip(range(start, total), chunked(stream, cfg.shard_sequences), strict=False):
+                if c % world != rank:
+                    continue
+                split = split_of(c, chunks)
+                chunk = forward_chunk(lm, layer_ids, seqs, cfg, filters[split], device)
+                state = {
+                    "next_chunk": c + 1,
+                    "stream": list(chunk.state),
+                    "medians": {s: {str(n): m.state() for n, m in medians[s].items()} for s in SPLITS},
+                }
+                writer.put((c, split, chunk, state))
+                bar.update(len(seqs) * cfg.context_len)
+                bar.set_postfix(written=f"{writer.bytes / 2**20:.1f}MiB")
+        finally:
+            writer.close()
+    prog.finish()
+    barrier()
+    if rank == 0:
+        shards.write_manifest(root, merge(root, lm, layer_ids, cfg, fp, world, revision))
+    barrier()
+    return shards.read_manifest(root)
+
+
+def merge(root: Path, lm: LoadedLM, layer_ids, cfg: DataConfig, fp: dict, world: int, revision) -> dict:
+    """One manifest from every rank's progress log: shards in chunk order, filter counts summed."""
+    entries: dict[int, dict] = {}
+    for r in range(world):
+        p = _Progress(root, r, fp)
+        state = p.load()
+        if not state or not state.get("finished"):
+            raise RuntimeError(f"rank {r} has not finished its part of the cache under {root}")
+        entries.update(p.entries(state["next_chunk"]))
+    splits = {}
+    for split in SPLITS:
+        mine = [entries[c] for c in sorted(entries) if entries[c]["split"] == split]
+        if not mine:
+            raise ValueError(f"the dataset ran out before the {split} split got any sequences")
+        layers = {}
+        for n in layer_ids:
+            counts = FilterCounts()
+            for e in mine:
+                counts.add(FilterCounts(**e["layers"][str(n)]["filters"]))
+            layers[str(n)] = {
+                "rows": counts.kept,
+                "filters": asdict(counts),
+                "shards": [e["layers"][str(n)]["shard"] for e in mine],
+                **({"positions": [e["layers"][str(n)]["positions"] for e in mine]} if cfg.store_tokens else {}),
+            }
+        splits[split] = {
+            "chunks": [e["chunk"] for e in mine],
+            "sequences": sum(e["sequences"] for e in mine),
+            "tokens": sum(e["sequences"] for e in mine) * cfg.context_len,
+            "layers": layers,
+            **({"token_ids": [e["token_ids"] for e in mine]} if cfg.store_tokens else {}),
+        }
+    codec = codec_for(cfg)
+    compressed = sum(s["nbytes"] for sp in splits.values() for lay in sp["layers"].values() for s in lay["shards"])
+    raw_rows = sum(lay["rows"] for sp in splits.values() for lay in sp["layers"].values())
+    return {
+        "format": CACHE_FORMAT,
+        "fingerprint": fp,
+        "model": lm.name,
+        "revision": revision,
+        "d_model": lm.d_model,
+        "layers": sorted(layer_ids),
+        "codec": asdict(codec),
+        "context_len": cfg.context_len,
+        "world": world,
+        "compressed_bytes": compressed,
+        "raw_bytes": raw_rows * lm.d_model * codec.itemsize,
+        "splits": splits,
+    }

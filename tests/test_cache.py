@@ -1,0 +1,229 @@
+"""The activation cache: bitwise round trip, live == cached, crash safety, corruption, refusals, 2 processes."""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from qscope_train import shards
+from qscope_train.cli import compose
+from qscope_train.config import OnCorrupt
+from qscope_train.lm import load_lm
+from qscope_train.pipeline import run
+from qscope_train.reader import cached_batches, live_batches, live_chunks
+from qscope_train.shards import Codec, CorruptShardError
+
+CACHE = [
+    "stages=[cache]",
+    "data.train_tokens=16384",
+    "data.eval_tokens=2048",
+    "data.shard_tokens=1024",
+    "data.forward_batch_tokens=512",
+]
+
+
+def _cfg(run_dir, *extra):
+    return compose(["experiment=demo", f"run_dir={run_dir}", *CACHE, *extra])
+
+
+@pytest.fixture(scope="module")
+def cached(fixtures_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cache_ref")
+    cfg = _cfg(run_dir)
+    run(cfg, Accelerator(cpu=True))
+    return cfg, run_dir / "cache", shards.read_manifest(run_dir / "cache")
+
+
+@pytest.fixture(scope="module")
+def lm(cached):
+    return load_lm(cached[0].model)
+
+
+def test_manifest_records_layout_tokens_and_drops(cached):
+    cfg, root, m = cached
+    assert m["layers"] == [1, 2] and m["d_model"] == 64 and m["context_len"] == 128
+    assert m["codec"] == {"dtype": "bfloat16", "byte_split": True, "level": 1}
+    assert m["splits"]["eval"]["chunks"] == [0, 1] and m["splits"]["train"]["chunks"] == list(range(2, 18))
+    assert m["splits"]["train"]["tokens"] == 16384 and m["splits"]["eval"]["tokens"] == 2048
+    for split in ("eval", "train"):
+        for lay in m["splits"][split]["layers"].values():
+            f = lay["filters"]
+            assert f["seen"] == m["splits"][split]["tokens"]
+            assert f["dropped_position0"] == m["splits"][split]["sequences"]
+            assert f["dropped_special"] > 0  # EOS between packed documents
+            assert (
+                f["kept"]
+                == f["seen"]
+                - f["dropped_position0"]
+                - f["dropped_padding"]
+                - f["dropped_special"]
+                - f["dropped_outlier"]
+            )
+            assert lay["rows"] == f["kept"] == sum(s["rows"] for s in lay["shards"])
+    assert m["raw_bytes"] / m["compressed_bytes"] > 1.2
+
+
+def test_written_equals_read_bitwise(cached, lm):
+    cfg, root, m = cached
+    codec = Codec(**m["codec"])
+    for split in ("eval", "train"):
+        live = list(live_chunks(lm, cfg.layers, cfg.data, split, "cpu"))
+        assert len(live) == len(m["splits"][split]["chunks"])
+        for n in cfg.layers:
+            recs = shards.records(m["splits"][split]["layers"][str(n)]["shards"])
+            for rows, rec in zip(live, recs, strict=True):
+                stored = shards.read_shard(root, rec, 64, codec)
+                assert torch.equal(stored.view(torch.int16), rows[n].view(torch.int16))
+
+
+def test_live_batches_equal_cached_batches(cached, lm):
+    cfg, root, m = cached
+    data = dataclasses.replace(cfg.data, shuffle_shards=False, shuffle_buffer_tokens=3000)
+    cached_list = list(cached_batches(root, m, cfg.layers, 256, data, seed=5, epochs=1))
+    live_list = list(live_batches(lm, cfg.layers, 256, data, seed=5, device="cpu", epochs=1))
+    assert len(cached_list) == len(live_list) > 30
+    for a, b in zip(cached_list, live_list, strict=True):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    rows = sum(b[1].shape[0] for b in cached_list)
+    assert rows == m["splits"]["train"]["layers"]["1"]["rows"]  # every row once, the last batch partial
+
+
+def test_cached_reader_resumes_exactly(cached):
+    cfg, root, m = cached
+    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=4000)
+    reader = cached_batches(root, m, cfg.layers, 512, data, seed=1)
+    it = iter(reader)
+    got = [next(it) for _ in range(11)]
+    state = reader.state_dict()
+    rest = [next(it) for _ in range(40)]  # crosses several fills and an epoch boundary
+    again = cached_batches(root, m, cfg.layers, 512, data, seed=1)
+    again.load_state_dict(state)
+    it2 = iter(again)
+    for want in rest:
+        have = next(it2)
+        assert all(torch.equal(want[n], have[n]) for n in want)
+    assert not torch.equal(got[0][1], rest[-1][1])
+
+
+def test_reader_batches_are_shuffled_across_shards(cached):
+    cfg, root, m = cached
+    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=8000)
+    batch = next(iter(cached_batches(root, m, [1], 4000, data, seed=0)))[1]
+    ordered = torch.cat(
+        [
+            shards.read_shard(root, shards.ShardRecord(**s), 64, Codec(**m["codec"]), torch.float32)
+            for s in m["splits"]["train"]["layers"]["1"]["shards"]
+        ]
+    )
+    assert not torch.equal(batch, ordered[:4000])
+
+
+def _copy(root, tmp_path):
+    dst = tmp_path / "cache"
+    shutil.copytree(root, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shard_is_an_error_naming_it_or_skipped_on_request(cached, tmp_path, damage):
+    cfg, root, m = cached
+    root = _copy(root, tmp_path)
+    path = root / "train" / "layer2" / "shard-000007.zst"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 3] ^= 0x40
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="train/layer2/shard-000007.zst is corrupt"):
+        list(cached_batches(root, m, [2], 512, cfg.data, seed=0, epochs=1))
+    skip = dataclasses.replace(cfg.data, on_corrupt=OnCorrupt.skip)
+    with pytest.warns(UserWarning, match="shard-000007.zst"):
+        rows = sum(b[2].shape[0] for b in cached_batches(root, m, [2], 512, skip, seed=0, epochs=1))
+    assert (
+        rows == m["splits"]["train"]["layers"]["2"]["rows"] - m["splits"]["train"]["layers"]["2"]["shards"][5]["rows"]
+    )
+
+
+def test_cache_of_other_settings_is_refused(cached, fixtures_dir):
+    cfg, root, m = cached
+    with pytest.raises(ValueError, match="already holds a cache made with other settings"):
+        run(_cfg(root.parent, "layers=[0]"), Accelerator(cpu=True))
+    other_model = compose(["experiment=demo", f"run_dir={root.parent}", "stages=[fit]", "model=tiny_qwen3_5"])
+    with pytest.raises(ValueError, match="holds activations of"):
+        run(other_model, Accelerator(cpu=True))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.zst"))}
+
+
+def _cli(run_dir, *extra):
+    exe = Path(sys.executable).with_name("qscope-train")
+    return [str(exe), "experiment=demo", f"run_dir={run_dir}", *CACHE, "data.train_tokens=65536", *extra]
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fixtures_dir, tmp_path):
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir))
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    subprocess.run(_cli(ref), env=env, check=True, capture_output=True, timeout=300)
+    log = crashed / "cache" / "progress" / "rank0.jsonl"
+    for at_least in (3, 30):  # two crashes at different points, then a clean finish
+        proc = subprocess.Popen(_cli(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < at_least):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (crashed / "cache" / "manifest.json").exists()
+    subprocess.run(_cli(crashed), env=env, check=True, capture_output=True, timeout=300)
+    a, b = (json.loads((d / "cache" / "manifest.json").read_text()) for d in (ref, crashed))
+    assert a == b
+    assert _files(ref / "cache") == _files(crashed / "cache")
+
+
+def test_two_processes_write_disjoint_shards_and_one_merged_manifest(cached, fixtures_dir, tmp_path):
+    cfg, root, ref = cached
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "qscope_train.cli",
+        "experiment=demo",
+        f"run_dir={tmp_path}",
+        *CACHE,
+    ]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = shards.read_manifest(tmp_path / "cache")
+    assert m["world"] == 2
+    for split in ("eval", "train"):
+        assert m["splits"][split]["chunks"] == ref["splits"][split]["chunks"]  # every chunk once
+        assert m["splits"][split]["tokens"] == ref["splits"][split]["tokens"]
+        for n in ("1", "2"):
+            mine, theirs = m["splits"][split]["layers"][n], ref["splits"][split]["layers"][n]
+            assert mine["filters"] == theirs["filters"] and mine["filters"]["dropped_outlier"] == 0
+            assert [s["sha256"] for s in mine["shards"]] == [s["sha256"] for s in theirs["shards"]]
+    logs = sorted(p.name for p in (tmp_path / "cache" / "progress").glob("*.jsonl"))
+    assert logs == ["rank0.jsonl", "rank1.jsonl"]
+    chunks = [
+        [json.loads(line)["chunk"] for line in (tmp_path / "cache" / "progress" / f).read_text().splitlines()]
+        for f in logs
+    ]
+    assert all(c % 2 == 0 for c in chunks[0]) and all(c % 2 == 1 for c in chunks[1])
