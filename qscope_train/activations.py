@@ -119,7 +119,6 @@ def forward_chunk(
 ) -> ChunkRows:
     """Truncated forwards over one chunk of sequences; filtered rows per layer, in the cache dtype."""
     dtype = STORE_DTYPES[cfg.cache_dtype.value]
-    T = cfg.context_len
     rows: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     pos: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     counts = {n: FilterCounts() for n in layer_ids}

@@ -23,6 +23,7 @@ import torch
 from . import shards
 from .activations import ChunkRows, FilterCounts, RunningMedian, chunked, forward_chunk, make_filter
 from .config import DataConfig, to_plain
+from .errors import InputError
 from .fsutil import atomic_write_json, read_json
 from .lm import LoadedLM
 from .shards import Codec
@@ -75,7 +76,7 @@ class _Progress:
             return None
         state = read_json(self.state_file)
         if state["fingerprint"] != self.fp:
-            raise ValueError(
+            raise InputError(
                 f"{self.state_file.parent.parent} holds a partial cache made with other settings; delete it or "
                 f"choose another run_dir (cached: {state['fingerprint']}, asked: {self.fp})"
             )
@@ -173,7 +174,7 @@ def build_cache(
         old = shards.read_manifest(root)
         if old.get("fingerprint") == fp:
             return old
-        raise ValueError(
+        raise InputError(
             f"{root} already holds a cache made with other settings; delete it or choose another run_dir "
             f"(cached: {old.get('fingerprint')}, asked: {fp})"
         )
@@ -225,7 +226,7 @@ def merge(root: Path, lm: LoadedLM, layer_ids, cfg: DataConfig, fp: dict, world:
     for split in SPLITS:
         mine = [entries[c] for c in sorted(entries) if entries[c]["split"] == split]
         if not mine:
-            raise ValueError(f"the dataset ran out before the {split} split got any sequences")
+            raise InputError(f"the dataset ran out before the {split} split got any sequences")
         layers = {}
         for n in layer_ids:
             counts = FilterCounts()

@@ -13,19 +13,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import RunConfig, register_configs
-from .release import ReleaseFormatError
-from .shards import CorruptShardError
+from .errors import QScopeError
 
 CONFIG_MODULE = "qscope_train.configs"
-# Errors that come from the user's input or files: one line, no traceback (QSCOPE_DEBUG=1 shows it).
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FloatingPointError,
-    NotImplementedError,
-    ReleaseFormatError,
-    CorruptShardError,
-)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -52,7 +42,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run_cfg = to_run_config(cfg)
         run(run_cfg, Accelerator())
-    except USER_ERRORS as e:
+    except QScopeError as e:  # the user's input: one line, no traceback (QSCOPE_DEBUG=1 shows it)
         if os.environ.get("QSCOPE_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Optional
 
+from .errors import ConfigError
+
 MISSING = "???"  # OmegaConf's marker for a value the user must give
 
 
@@ -89,9 +91,9 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.d_sae <= 0:
-            raise ValueError(f"sae.d_sae must be positive, got {self.d_sae}")
+            raise ConfigError(f"sae.d_sae must be positive, got {self.d_sae}")
         if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"sae.k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+            raise ConfigError(f"sae.k must be in 1..d_sae ({self.d_sae}), got {self.k}")
 
 
 @dataclass
@@ -164,17 +166,17 @@ class DataConfig:
             "reader_threads",
         ):
             if getattr(self, name) <= 0:
-                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.context_len < 2:
-            raise ValueError(f"data.context_len must be at least 2, got {self.context_len}")
+            raise ConfigError(f"data.context_len must be at least 2, got {self.context_len}")
         if self.shard_tokens < self.context_len:
-            raise ValueError(
+            raise ConfigError(
                 f"data.shard_tokens ({self.shard_tokens}) must hold at least one sequence of {self.context_len}"
             )
         if self.outlier_norm_factor < 0:
-            raise ValueError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
+            raise ConfigError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
         if not 1 <= self.zstd_level <= 22:
-            raise ValueError(f"data.zstd_level must be in 1..22, got {self.zstd_level}")
+            raise ConfigError(f"data.zstd_level must be in 1..22, got {self.zstd_level}")
 
     @property
     def shard_sequences(self) -> int:
@@ -208,13 +210,13 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
-            raise ValueError(f"trainer.batch_size must be positive, got {self.batch_size}")
+            raise ConfigError(f"trainer.batch_size must be positive, got {self.batch_size}")
         if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"trainer.lr must be positive, got {self.lr}")
+            raise ConfigError(f"trainer.lr must be positive, got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+            raise ConfigError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"trainer.max_steps must be positive, got {self.max_steps}")
+            raise ConfigError(f"trainer.max_steps must be positive, got {self.max_steps}")
 
 
 @dataclass
@@ -251,13 +253,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.layers:
-            raise ValueError("layers must list at least one decoder layer index")
+            raise ConfigError("layers must list at least one decoder layer index")
         if any(n < 0 for n in self.layers):
-            raise ValueError(f"layers must be non-negative indices, got {list(self.layers)}")
+            raise ConfigError(f"layers must be non-negative indices, got {list(self.layers)}")
         if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers has duplicates: {list(self.layers)}")
+            raise ConfigError(f"layers has duplicates: {list(self.layers)}")
         if not self.stages:
-            raise ValueError("stages must name at least one of cache, fit, evaluate, export")
+            raise ConfigError("stages must name at least one of cache, fit, evaluate, export")
 
 
 def to_plain(obj: Any) -> Any:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .errors import InputError
 from .sae import TopKSAE
 
 
@@ -35,12 +36,12 @@ class Evaluator:
             self.sum_sq += x_BD.double().pow(2).sum()
             nonzero_BK = out.code.vals_BK != 0
             self.l0 += nonzero_BK.sum()
-            self.fires_F += torch.bincount(out.code.idx_BK[nonzero_BK], minlength=self.sae.d_sae)
+            self.fires_F += out.code.fire_counts(self.sae.d_sae)
             self.n += x_BD.shape[0]
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
-            raise ValueError("no held-out rows to evaluate on")
+            raise InputError("no held-out rows to evaluate on")
         centered = self.sum_sq - self.sum_x_D.pow(2).sum() / self.n
         return {
             "fvu": float(self.sse / centered),

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import DType, ModelConfig
+from .errors import InputError, MissingInputError
 
 TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_5", "qwen3_5_text")
@@ -40,7 +41,7 @@ def load_lm(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedLM:
     if is_local_path(source):
         path = Path(source).expanduser()
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model.name_or_path={source!r}: no config.json there. For the tiny offline models run "
                 "`make fixtures` (or `python scripts/make_tiny_model.py`); for a real model give a hub id "
                 "such as Qwen/Qwen3-1.7B-Base."
@@ -49,7 +50,7 @@ def load_lm(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedLM:
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     config = AutoConfig.from_pretrained(source, **kwargs)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise InputError(
             f"model {cfg.name_or_path!r} has model_type {config.model_type!r}; qscope-train supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3 and Qwen3.5)"
         )
@@ -95,10 +96,10 @@ def capture(layers: nn.ModuleList, layer_ids: Sequence[int], stop_early: bool = 
     With stop_early the forward is cut after the deepest layer; run it through `run_captured`.
     """
     if not layer_ids:
-        raise ValueError("no layers to capture")
+        raise InputError("no layers to capture")
     bad = [n for n in layer_ids if not 0 <= n < len(layers)]
     if bad:
-        raise ValueError(
+        raise InputError(
             f"layer indices {bad} out of range: the model has {len(layers)} decoder layers (0..{len(layers) - 1})"
         )
     deepest = max(layer_ids)

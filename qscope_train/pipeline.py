@@ -16,6 +16,7 @@ import torch
 from . import __version__, release, shards
 from .cache import build_cache
 from .config import ActivationSource, RunConfig, Stage, to_plain
+from .errors import ConfigError, InputError, MissingInputError
 from .evaluate import Evaluator
 from .fsutil import atomic_write_json, read_json
 from .lm import load_lm
@@ -37,7 +38,7 @@ def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
     """Run the configured stages; returns the held-out metrics per layer (empty if not evaluated)."""
     single = [s.value for s in cfg.stages if s is not Stage.cache]
     if accelerator.num_processes > 1 and single:
-        raise NotImplementedError(
+        raise ConfigError(
             f"stages {single} run as a single process for now (got {accelerator.num_processes}); "
             "launch several processes for stages=[cache] only (multi-process training is tracked in the trainer issue)"
         )
@@ -105,11 +106,11 @@ def _manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
     manifest = shards.read_manifest(dirs.cache)
     missing = sorted(set(cfg.layers) - set(manifest["layers"]))
     if missing:
-        raise ValueError(
+        raise InputError(
             f"the cache at {dirs.cache} has layers {manifest['layers']}, not {missing}: re-run the cache stage"
         )
     if manifest["model"] != cfg.model.name_or_path:
-        raise ValueError(
+        raise InputError(
             f"the cache at {dirs.cache} holds activations of {manifest['model']!r}, not {cfg.model.name_or_path!r}"
         )
     return manifest
@@ -126,6 +127,11 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
         manifest = _manifest(cfg, dirs)
         d_model, model_name = manifest["d_model"], manifest["model"]
         rows = min(manifest["splits"]["train"]["layers"][str(n)]["rows"] for n in cfg.layers)
+        if rows < t.batch_size:
+            raise InputError(
+                f"the cached training split has {rows:,} rows on its smallest layer, fewer than one batch "
+                f"(trainer.batch_size={t.batch_size}): cache more tokens (data.train_tokens) or lower the batch size"
+            )
         steps = t.max_steps or max(1, rows // t.batch_size)
         batches = cached_batches(dirs.cache, manifest, cfg.layers, t.batch_size, cfg.data, t.seed)
     g = torch.Generator().manual_seed(t.seed)
@@ -140,8 +146,15 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
     return summary
 
 
+def _fit_file(dirs: RunDirs, n: int, stage: str) -> Path:
+    path = dirs.fit / release.layer_filename(n)
+    if not path.is_file():
+        raise MissingInputError(f"{path} does not exist: run the fit stage first (stages=[fit,{stage}])")
+    return path
+
+
 def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
-    evals = {n: Evaluator(release.load_sae(dirs.fit, layer=n), device, EVAL_BATCH) for n in cfg.layers}
+    evals = {n: Evaluator(release.load_sae(_fit_file(dirs, n, "evaluate")), device, EVAL_BATCH) for n in cfg.layers}
     if cfg.data.source is ActivationSource.live:
         lm = load_lm(cfg.model, device)
         for rows in live_chunks(lm, cfg.layers, cfg.data, "eval", device):
@@ -165,9 +178,7 @@ def export_stage(cfg: RunConfig, dirs: RunDirs) -> Path:
     metrics = {int(n): m for n, m in read_json(eval_file)["layers"].items()} if eval_file.is_file() else {}
     metas = {}
     for n in cfg.layers:
-        src = dirs.fit / release.layer_filename(n)
-        if not src.is_file():
-            raise FileNotFoundError(f"{src} does not exist: run the fit stage first (stages=[fit,export])")
+        src = _fit_file(dirs, n, "export")
         release.save_tensors(dirs.export / src.name, release.load_tensors(src))
         meta = read_json(dirs.fit / f"layer{n}.json")
         if n in metrics:

@@ -21,6 +21,7 @@ from . import shards
 from .activations import chunked, forward_chunk, make_filter
 from .cache import plan
 from .config import DataConfig, OnCorrupt
+from .errors import InputError
 from .lm import LoadedLM
 from .shards import Codec, CorruptShardError
 from .tokens import load_text_dataset, token_stream
@@ -66,7 +67,8 @@ class ShuffledBatches:
         while not exhausted:
             parts, n = ([carry] if carry is not None else []), (0 if carry is None else carry.shape[0])
             next_pos = pos
-            for block, next_pos in blocks:
+            for block, after in blocks:
+                next_pos = after
                 parts.append(block)
                 n += block.shape[0]
                 if n >= self.buffer_rows:
@@ -105,7 +107,7 @@ class CachedBlocks:
         recs = shards.records(manifest["splits"][split]["layers"][str(layer)]["shards"])
         self.recs = recs[rank::world]
         if not self.recs:
-            raise ValueError(
+            raise InputError(
                 f"rank {rank} of {world} has no {split} shards of layer {layer} (the cache has {len(recs)})"
             )
         self.root, self.width, self.codec = root, manifest["d_model"], Codec(**manifest["codec"])
@@ -228,7 +230,7 @@ def live_chunks(
             produced = True
             yield forward_chunk(lm, layers, seqs, cfg, filt, device).rows
         if not produced:
-            raise ValueError(f"the live {split} split has no sequences for rank {rank}")
+            raise InputError(f"the live {split} split has no sequences for rank {rank}")
         epoch += 1
 
 

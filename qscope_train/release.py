@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import Activation
+from .errors import InputError, MissingInputError, QScopeError
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from .sae import RELEASE_KEYS, TopKSAE
 
@@ -25,7 +26,7 @@ _REPO_NAME = re.compile(r"^SAE-Res-(?P<model>.+)-W(?P<width_k>\d+)K-L0_(?P<k>\d+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ReleaseFormatError(ValueError):
+class ReleaseFormatError(QScopeError, ValueError):
     """A checkpoint that is not a valid layer<n>.sae.pt; the message names file, key, expected, found."""
 
 
@@ -70,19 +71,19 @@ def resolve(source: str | Path, layer: Optional[int] = None, revision: Optional[
         return path
     if path.is_dir():
         if layer is None:
-            raise ValueError(f"{path} is a directory: say which layer to load (layer<n>.sae.pt)")
+            raise InputError(f"{path} is a directory: say which layer to load (layer<n>.sae.pt)")
         file = path / layer_filename(layer)
         if not file.is_file():
             found = sorted(p.name for p in path.glob("layer*.sae.pt"))
-            raise FileNotFoundError(f"{file} does not exist; the directory holds {found or 'no layer*.sae.pt files'}")
+            raise MissingInputError(f"{file} does not exist; the directory holds {found or 'no layer*.sae.pt files'}")
         return file
     if _HUB_ID.match(str(source)) and not str(source).startswith((".", "~")):
         if layer is None:
-            raise ValueError(f"hub repo {source}: say which layer to load (layer<n>.sae.pt)")
+            raise InputError(f"hub repo {source}: say which layer to load (layer<n>.sae.pt)")
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(str(source), layer_filename(layer), revision=revision))
-    raise FileNotFoundError(f"SAE source {str(source)!r} is neither an existing file or directory nor a hub repo id")
+    raise MissingInputError(f"SAE source {str(source)!r} is neither an existing file or directory nor a hub repo id")
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -91,10 +92,11 @@ def load_tensors(path: str | Path) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "global" in line.lower() and "unsupported" in line.lower()), None)
         raise ReleaseFormatError(
             f"{path}: refused by torch.load(weights_only=True), so it is not a plain dict of tensors "
-            f"(it may contain code): {first}"
+            f"(it may contain code{': ' + culprit if culprit else ''}); never load it with weights_only=False"
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise ReleaseFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
@@ -178,7 +180,7 @@ def load_sae(
     if k is None:
         k = infer_k(source, file)
     if k is None:
-        raise ValueError(
+        raise InputError(
             f"cannot tell k for {file}: no layer<n>.json sidecar and no SAE-Res-...-L0_<k> name; pass k explicitly"
         )
     if activation is None:
@@ -230,7 +232,11 @@ def write_model_card(directory: str | Path, info: dict, layer_metrics: dict[int,
     lines = [
         "---",
         "tags: [sparse-autoencoder, sae, qwen-scope, qscope-train]",
-        f"base_model: {info['base_model']}",
+        *(
+            [f"base_model: {info['base_model']}"]
+            if _HUB_ID.match(info["base_model"]) and not info["base_model"].startswith((".", "~", "/"))
+            else []
+        ),
         "---",
         "",
         f"# {info['release_name']}",

@@ -13,15 +13,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Activation
+from .errors import InputError
 
 RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 class SparseCode(NamedTuple):
-    """The k active latents per row: values (B, k) and their indices (B, k)."""
+    """The k selected latents per row: values (B, k) and their indices (B, k)."""
 
     vals_BK: Tensor
     idx_BK: Tensor
+
+    def fire_counts(self, d_sae: int) -> Tensor:
+        """Rows on which each latent fired (value non-zero; a ReLU can zero a selected latent), (d_sae,)."""
+        return torch.bincount(self.idx_BK[self.vals_BK != 0], minlength=d_sae)
 
 
 class ForwardOutput(NamedTuple):
@@ -43,7 +48,7 @@ class TopKSAE(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 < k <= d_sae:
-            raise ValueError(f"k must be in 1..d_sae ({d_sae}), got {k}")
+            raise InputError(f"k must be in 1..d_sae ({d_sae}), got {k}")
         self.d_model, self.d_sae, self.k = d_model, d_sae, k
         self.activation = Activation(activation)
         f32 = dict(device=device, dtype=torch.float32)

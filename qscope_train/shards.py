@@ -16,13 +16,14 @@ import torch
 import zstandard
 from torch import Tensor
 
+from .errors import MissingInputError, QScopeError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
 MANIFEST = "manifest.json"
 
 
-class CorruptShardError(RuntimeError):
+class CorruptShardError(QScopeError, RuntimeError):
     """A shard whose bytes do not match the manifest (checksum, size or decompression)."""
 
 
@@ -106,7 +107,7 @@ def write_manifest(root: Path, manifest: dict, name: str = MANIFEST) -> Path:
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no activation cache at {root} ({MANIFEST} missing): run the cache stage first")
+        raise MissingInputError(f"no activation cache at {root} ({MANIFEST} missing): run the cache stage first")
     return read_json(path)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .config import DataConfig, SequenceMode, TextFormat
+from .errors import InputError
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 256
@@ -44,7 +45,7 @@ def load_text_dataset(cfg: DataConfig):
         files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
         kinds = {_BUILDERS.get(p.suffix) for p in files}
         if not files or None in kinds or len(kinds) != 1:
-            raise ValueError(
+            raise InputError(
                 f"data.dataset={cfg.dataset!r}: expected one kind of .txt / .json / .jsonl / .parquet files, "
                 f"found {[p.name for p in files][:10] or 'none'}"
             )
@@ -56,7 +57,7 @@ def load_text_dataset(cfg: DataConfig):
     field = text_field(cfg)
     columns = ds.column_names
     if columns is not None and field not in columns:
-        raise ValueError(f"data.text_field={field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
+        raise InputError(f"data.text_field={field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed, buffer_size=10_000) if cfg.streaming else ds.shuffle(seed=cfg.seed)
     return ds
@@ -89,7 +90,7 @@ def token_stream(ds, tokenizer, cfg: DataConfig, state: StreamState = StreamStat
 def _packed(ds, tokenizer, cfg: DataConfig, state: StreamState) -> Iterator[Sequence]:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos_token_id, which packing needs as the document separator")
+        raise InputError("the tokenizer has no eos_token_id, which packing needs as the document separator")
     T = cfg.context_len
     segments: deque[list] = deque()  # [doc index, tokens, offset of the first unread token]
     buffered = 0
@@ -119,7 +120,7 @@ def _packed(ds, tokenizer, cfg: DataConfig, state: StreamState) -> Iterator[Sequ
 def _per_sequence(ds, tokenizer, cfg: DataConfig, state: StreamState) -> Iterator[Sequence]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError("per_sequence mode pads sequences and needs a pad or eos token id")
+        raise InputError("per_sequence mode pads sequences and needs a pad or eos token id")
     T = cfg.context_len
     for i, ids in enumerate(_documents(ds, cfg, tokenizer, state.doc)):
         if len(ids) < 2:

@@ -23,6 +23,7 @@ class Tracker:
         self.is_main = is_main
         self.path = run_dir / "log.jsonl"
         self._wandb = None
+        self._wandb_step = 0
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,17 @@ class Tracker:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            flat = {f"{stage}/layer{layer}/{name}": value for layer, m in metrics.items() for name, value in m.items()}
-            self._wandb.log(flat, step=step)
+            # wandb refuses steps that go backwards, so a later stage's step 0 is logged at the latest step;
+            # extra labels (e.g. the cache split) become part of the key so splits do not overwrite each other.
+            prefix = "/".join([stage, *(str(v) for v in extra.values())])
+            flat = {
+                f"{prefix}/layer{layer}/{name}": value
+                for layer, m in metrics.items()
+                for name, value in m.items()
+                if isinstance(value, (int, float))
+            }
+            self._wandb_step = max(self._wandb_step, step)
+            self._wandb.log(flat, step=self._wandb_step)
 
     def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "it"):
         if not self.is_main:

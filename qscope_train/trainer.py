@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .config import Activation, TrainerConfig
+from .config import TrainerConfig
+from .errors import QScopeError
 from .losses import fvu
 from .sae import TopKSAE
 
@@ -44,15 +45,8 @@ class LayerState:
     fvu_ema: Optional[float] = None
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
-def _fired_mask(sae: TopKSAE, vals_BK: Tensor, idx_BK: Tensor) -> Tensor:
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=idx_BK.device)
-    active = idx_BK if sae.activation is Activation.topk else idx_BK[vals_BK > 0]
-    fired[active.reshape(-1)] = True
-    return fired
+class NonFiniteLossError(QScopeError, FloatingPointError):
+    """The loss became NaN or inf."""
 
 
 def train_step(state: LayerState, x_BD: Tensor) -> dict[str, float]:
@@ -64,18 +58,19 @@ def train_step(state: LayerState, x_BD: Tensor) -> dict[str, float]:
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
     sae.remove_parallel_grad_()
+    lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
     state.opt.step()
     state.sched.step()
     sae.unit_norm_decoder_()
     with torch.no_grad():
-        fired_F = _fired_mask(sae, *out.code)
+        fired_F = out.code.fire_counts(sae.d_sae) > 0
         state.since_fired_F += x_BD.shape[0]
         state.since_fired_F[fired_F] = 0
         l0 = float((out.code.vals_BK != 0).sum(-1).float().mean())
     state.tokens += x_BD.shape[0]
     value = loss.item()
     state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
-    return {"fvu": value, "l0": l0}
+    return {"fvu": value, "l0": l0, "lr": lr}
 
 
 def fit(
@@ -118,7 +113,6 @@ def fit(
                         f"layer {n}, step {step}: {e}; stopping (check the activations and lr)"
                     ) from None
                 m["dead_frac"] = float((state.since_fired_F >= cfg.dead_after_tokens).float().mean())
-                m["lr"] = state.sched.get_last_lr()[0]
                 metrics[n] = m
             if step % cfg.log_every == 0 or step == total_steps - 1:
                 log(step, metrics)

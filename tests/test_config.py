@@ -27,9 +27,50 @@ def test_every_experiment_composes_into_a_typed_config(name):
 
 
 @pytest.mark.parametrize("group", ["model", "sae", "data", "trainer"])
-def test_every_group_option_composes(group):
-    for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
-        compose([f"{group}={option}"])
+def test_every_group_option_composes_and_applies_its_values(group):
+    from omegaconf import OmegaConf
+
+    from qscope_train.config import to_plain
+
+    for path in sorted((CONFIGS / group).glob("*.yaml")):
+        cfg = to_plain(getattr(compose([f"{group}={path.stem}"]), group))
+        raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        for key, value in raw.items():
+            if not (isinstance(value, str) and "${" in value):
+                assert cfg[key] == value, (path.name, key)
+
+
+def test_configs_ship_inside_the_wheel(tmp_path):
+    import zipfile
+
+    root = CONFIGS.parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("qscope_train-*.whl"))).namelist()
+    for rel in [
+        "config.yaml",
+        "experiment/demo.yaml",
+        "model/qwen3.5_2b_base.yaml",
+        "sae/w32k_k100.yaml",
+        "__init__.py",
+    ]:
+        assert f"qscope_train/configs/{rel}" in names
 
 
 def test_release_presets_reproduce_the_release_properties():

@@ -48,6 +48,7 @@ def test_export_directory_layout(demo):
     _, run_dir, _ = demo
     names = sorted(p.name for p in (run_dir / "export").iterdir())
     assert names == ["README.md", "layer1.json", "layer1.sae.pt", "layer2.json", "layer2.sae.pt"]
+    assert all(p.stat().st_mode & 0o044 for p in (run_dir / "export").iterdir())  # readable by others (umask 022)
     raw = torch.load(run_dir / "export" / "layer1.sae.pt", weights_only=True)
     assert {k: (tuple(v.shape), v.dtype) for k, v in raw.items()} == {
         "W_enc": ((1024, 64), torch.float32),
@@ -121,8 +122,9 @@ def test_stages_run_alone_and_say_what_is_missing(demo, tmp_path):
     _, run_dir, _ = demo
     with pytest.raises(FileNotFoundError, match="run the cache stage first"):
         run(compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[fit]"]), Accelerator(cpu=True))
-    with pytest.raises(FileNotFoundError, match="run the fit stage first"):
-        run(compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[export]"]), Accelerator(cpu=True))
+    for stage in ("evaluate", "export"):
+        with pytest.raises(FileNotFoundError, match=rf"run the fit stage first \(stages=\[fit,{stage}\]\)"):
+            run(compose(["experiment=demo", f"run_dir={tmp_path}", f"stages=[{stage}]"]), Accelerator(cpu=True))
     shutil.copytree(run_dir / "cache", tmp_path / "cache")
     cfg = compose(["experiment=demo", f"run_dir={tmp_path}", "stages=[fit,export]", "trainer.max_steps=5", *SMALL])
     assert run(cfg, Accelerator(cpu=True)) == {}

@@ -94,9 +94,10 @@ def test_bad_checkpoint_gives_one_clear_error(tmp_path, kind, needle):
 def test_code_pickle_is_never_executed(tmp_path, capfd):
     path = tmp_path / "evil.sae.pt"
     torch.save({"W_enc": Evil()}, path)
-    with pytest.raises(ReleaseFormatError):
+    with pytest.raises(ReleaseFormatError) as info:
         release.load_tensors(path)
     assert "pwned" not in capfd.readouterr().out
+    assert "system" in str(info.value) and "never load it with weights_only=False" in str(info.value)
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from qscope_train.config import TrainerConfig
+from qscope_train.losses import fvu
+from qscope_train.sae import TopKSAE
+from qscope_train.trainer import NonFiniteLossError, default_lr, fit, lr_factor
+
+
+def _dense_reference(sae: TopKSAE, x):
+    """Autograd through the dense form: scatter the top-k into zeros, then z @ W_dec.T + b_dec."""
+    pre = x @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(sae.k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, idx, vals)
+    return z @ sae.W_dec.T + sae.b_dec
+
+
+def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter():
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 128, 8)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    x = torch.randn(64, 16)
+    fvu(x, sae(x).x_hat_BD).backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    fvu(x, _dense_reference(sae, x)).backward()
+    for name, p in sae.named_parameters():
+        assert sparse[name].abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(sparse[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _sparse_data(n=4096, d=32, atoms=256, active=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=-1)
+    idx = torch.randint(0, atoms, (n, active), generator=g)
+    coef = torch.rand(n, active, generator=g) * 3
+    return (coef.unsqueeze(-1) * D[idx]).sum(1) + 0.5
+
+
+def _batches(x, batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield {0: x[torch.randint(0, x.shape[0], (batch,), generator=g)]}
+
+
+class _Bar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def test_fifty_steps_lower_fvu_and_keep_decoder_columns_unit_norm():
+    x = _sparse_data()
+    sae = TopKSAE(32, 256, 8)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    before = fvu(x, sae(x).x_hat_BD).item()
+    logs = []
+    cfg = TrainerConfig(batch_size=256, lr=3e-3, warmup_steps=5, log_every=10)
+    summary = fit({0: sae}, _batches(x, 256), cfg, 50, "cpu", lambda s, m: logs.append((s, m)), lambda **k: _Bar())
+    after = fvu(x, sae(x).x_hat_BD).item()
+    assert after < 0.5 * before, (before, after)
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(256))
+    assert summary[0]["tokens_trained"] == 50 * 256 and summary[0]["steps"] == 50
+    assert [s for s, _ in logs] == [0, 10, 20, 30, 40, 49]
+    assert logs[-1][1][0]["lr"] == pytest.approx(3e-3 * lr_factor(49, 50, 5, 0.2))
+
+
+def test_latents_that_never_fire_are_counted_dead():
+    x = _sparse_data()
+    sae = TopKSAE(32, 256, 8)
+    with torch.no_grad():
+        sae.b_enc[:64] = -1e4  # these can never be among the top 8
+    cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, dead_after_tokens=2048, log_every=100)
+    summary = fit({0: sae}, _batches(x, 256), cfg, 20, "cpu", lambda s, m: None, lambda **k: _Bar())
+    assert summary[0]["dead_frac"] >= 64 / 256
+
+
+def test_non_finite_loss_stops_with_layer_and_step():
+    sae = TopKSAE(8, 32, 4)
+    bad = iter([{3: torch.randn(16, 8)}, {3: torch.full((16, 8), float("nan"))}])
+    with pytest.raises(NonFiniteLossError, match="layer 3, step 1: loss is nan"):
+        fit(
+            {3: sae}, bad, TrainerConfig(batch_size=16, warmup_steps=0), 2, "cpu", lambda s, m: None, lambda **k: _Bar()
+        )
+
+
+def test_learning_rate_schedule_and_default():
+    assert default_lr(16384) == pytest.approx(2e-4)
+    assert default_lr(32768) == pytest.approx(2e-4 / math.sqrt(2))
+    f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
+    assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
