@@ -26,7 +26,7 @@ from .lm import LoadedLM
 from .shards import Codec, CorruptShardError
 from .tokens import load_text_dataset, token_stream
 
-Blocks = Iterator[tuple[Tensor, Any]]  # (rows, position after this block)
+Blocks = Iterator[tuple[Tensor, Any]]  # ((planes, rows, width) block, position after this block)
 
 
 def _generator(*seeds: int) -> torch.Generator:
@@ -39,7 +39,11 @@ def _generator(*seeds: int) -> torch.Generator:
 class ShuffledBatches:
     """Fill a buffer with at least buffer_rows rows from the blocks, permute it (seeded per fill), yield
     full batches, carry the remainder into the next fill. The state is (position at fill start, fill
-    number, batches already yielded from this fill, rows carried in), which restarts it exactly."""
+    number, batches already yielded from this fill, rows carried in), which restarts it exactly.
+
+    Blocks are (planes, rows, width) as Codec.decode_planes gives them; `finish` turns the gathered
+    rows of one batch into values, so only rows that are used are ever converted.
+    """
 
     def __init__(
         self,
@@ -48,10 +52,10 @@ class ShuffledBatches:
         batch_size: int,
         buffer_rows: int,
         seed: int,
-        out_dtype: torch.dtype = torch.float32,
+        finish: Callable[[Tensor], Tensor],
     ) -> None:
         self.blocks_from, self.batch_size, self.buffer_rows = blocks_from, batch_size, max(buffer_rows, batch_size)
-        self.seed, self.out_dtype = seed, out_dtype
+        self.seed, self.finish = seed, finish
         self.state: dict = {"pos": start_pos, "fill": 0, "batch": 0, "carry": None}
 
     def load_state_dict(self, state: dict) -> None:
@@ -65,28 +69,47 @@ class ShuffledBatches:
         blocks = self.blocks_from(pos)
         exhausted = False
         while not exhausted:
-            parts, n = ([carry] if carry is not None else []), (0 if carry is None else carry.shape[0])
+            parts, n = ([carry] if carry is not None else []), (0 if carry is None else carry.shape[1])
             next_pos = pos
             for block, after in blocks:
                 next_pos = after
                 parts.append(block)
-                n += block.shape[0]
+                n += block.shape[1]
                 if n >= self.buffer_rows:
                     break
             else:
                 exhausted = True
             if n == 0:
                 return
-            rows = torch.cat(parts)
-            perm = torch.randperm(n, generator=_generator(self.seed, fill)).to(rows.device)
+            perm = torch.randperm(n, generator=_generator(self.seed, fill)).to(parts[0].device)
             full = n // self.batch_size
             stop = full if not exhausted or full * self.batch_size == n else full + 1  # last partial batch
             for b in range(skip, stop):
                 self.state = {"pos": pos, "fill": fill, "batch": b + 1, "carry": carry}
-                yield rows[perm[b * self.batch_size : (b + 1) * self.batch_size]].to(self.out_dtype)
-            carry = rows[perm[full * self.batch_size :]].clone() if not exhausted else None
+                yield self.finish(_gather(parts, perm[b * self.batch_size : (b + 1) * self.batch_size]))
+            carry = _gather(parts, perm[full * self.batch_size :]) if not exhausted else None
+            del parts
             pos, fill, skip = next_pos, fill + 1, 0
             self.state = {"pos": pos, "fill": fill, "batch": 0, "carry": carry}
+
+
+def _gather(parts: list[Tensor], idx: Tensor) -> Tensor:
+    """Rows idx of the blocks laid end to end along dim 1, without concatenating the blocks.
+
+    The indices are sorted first, so each block's rows form one run (and memory is read in order);
+    the order of rows inside a batch carries no meaning, and it stays deterministic.
+    """
+    idx = idx.sort().values
+    if len(parts) == 1 or idx.numel() == 0:
+        return parts[0].index_select(1, idx)
+    pieces, start = [], 0
+    cuts = torch.searchsorted(idx, torch.tensor([p.shape[1] for p in parts], device=idx.device).cumsum(0)).tolist()
+    offset = 0
+    for part, cut in zip(parts, cuts, strict=True):
+        if cut > start:
+            pieces.append(part.index_select(1, idx[start:cut] - offset))
+        start, offset = cut, offset + part.shape[1]
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
 
 
 class CachedBlocks:
@@ -128,14 +151,17 @@ class CachedBlocks:
                 while todo or pending:
                     while todo and len(pending) < ahead:
                         i = todo.popleft()
-                        pending.append(
-                            (i, pool.submit(shards.read_shard, self.root, self.recs[order[i]], self.width, self.codec))
-                        )
+                        pending.append((i, pool.submit(self._load, self.recs[order[i]])))
                     i, fut = pending.popleft()
                     block = self._result(fut)
                     if block is not None:
                         yield block, ((epoch, i + 1) if i + 1 < len(order) else (epoch + 1, 0))
                 epoch, index = epoch + 1, 0
+
+    def _load(self, rec: shards.ShardRecord) -> Tensor:
+        """Runs on a reader thread: verify and decompress into byte planes. No torch compute happens here:
+        torch ops on several Python threads at once fight over the intra-op pool and run slower."""
+        return shards.read_shard_planes(self.root, rec, self.width, self.codec)
 
     def _result(self, fut) -> Tensor | None:
         try:
@@ -182,7 +208,12 @@ def cached_batches(
     epochs: int | None = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> LayerBatches:
-    """Shuffled batches of cached rows; endless unless `epochs` is given. Memory: buffer rows per layer."""
+    """Shuffled batches of cached rows; endless unless `epochs` is given.
+
+    Reader threads verify and decompress shards ahead of use; the shuffle buffer holds
+    shuffle_buffer_tokens rows per layer in the stored dtype: that, not the cache size, sets the memory.
+    """
+    codec = Codec(**manifest["codec"])
     buffers = {
         n: ShuffledBatches(
             CachedBlocks(root, manifest, split, n, cfg, seed + n, rank, world, epochs),
@@ -190,7 +221,7 @@ def cached_batches(
             batch_size,
             cfg.shuffle_buffer_tokens,
             seed + n,
-            out_dtype,
+            lambda x: codec.to_values(x, out_dtype),
         )
         for n in layers
     }
@@ -252,7 +283,7 @@ class _FanOut:
                         return
                     self.count += 1
                     for n, r in rows.items():
-                        self.queues[n].append((r, self.count))
+                        self.queues[n].append((r.unsqueeze(0), self.count))
                 yield q.popleft()
 
         return gen
@@ -278,6 +309,9 @@ def live_batches(
     """
     fan = _FanOut(live_chunks(lm, layers, cfg, split, device, rank, world, epochs), layers)
     buffers = {
-        n: ShuffledBatches(fan.blocks(n), 0, batch_size, cfg.shuffle_buffer_tokens, seed + n, out_dtype) for n in layers
+        n: ShuffledBatches(
+            fan.blocks(n), 0, batch_size, cfg.shuffle_buffer_tokens, seed + n, lambda x: x[0].to(out_dtype)
+        )
+        for n in layers
     }
     return LayerBatches(buffers)

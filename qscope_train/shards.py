@@ -7,6 +7,8 @@ then all high bytes), which zstd compresses better because the high bytes (sign,
 from __future__ import annotations
 
 import hashlib
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,22 +51,51 @@ class Codec:
             raw = raw.reshape(-1, 2).T  # plane 0: low bytes, plane 1: high bytes (little endian)
         return zstandard.ZstdCompressor(level=self.level).compress(np.ascontiguousarray(raw).tobytes())
 
-    def decode(self, data: bytes, numel: int, out_dtype: torch.dtype | None = None) -> Tensor:
-        """Inverse of encode as a flat tensor of the stored dtype (or straight to out_dtype)."""
-        nbytes = numel * self.itemsize
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=nbytes)
-        if len(raw) != nbytes:
-            raise ValueError(f"decompressed to {len(raw)} bytes, expected {nbytes}")
-        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self.byte_split and self.itemsize == 2:
-            lo, hi = flat[:numel], flat[numel:]
-            if self.dtype == "bfloat16" and out_dtype == torch.float32:
-                # bf16 is the top half of fp32: assemble the fp32 bit pattern directly.
-                return ((hi.to(torch.int32) << 24) | (lo.to(torch.int32) << 16)).view(torch.float32)
-            value = ((hi.to(torch.int16) << 8) | lo.to(torch.int16)).view(self.torch_dtype)
-        else:
-            value = flat.view(self.torch_dtype)
+    @property
+    def planes(self) -> int:
+        """Byte planes a decoded shard keeps apart: 2 for byte-split 16-bit values, else 1."""
+        return 2 if self.byte_split and self.itemsize == 2 else 1
+
+    def decode_planes(self, data, rows: int, width: int) -> Tensor:
+        """Decompress into (planes, rows, width): uint8 low/high byte planes when byte-split, else the stored dtype.
+
+        Rows can be gathered from the planes without ever interleaving the whole shard; to_values()
+        assembles only the rows that are used.
+        """
+        nbytes = rows * width * self.itemsize
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            got = 0
+            while got < nbytes and (n := reader.readinto(view[got:])):
+                got += n
+            if got != nbytes or reader.read(1):
+                raise ValueError(
+                    f"decompressed to {'more than ' if got == nbytes else ''}{got} bytes, expected {nbytes}"
+                )
+        if self.planes == 2:
+            return buf.view(2, rows, width)
+        return buf.view(self.torch_dtype).view(1, rows, width)
+
+    def to_values(self, planes_PND: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+        """(planes, N, width) from decode_planes (or a subset of its rows) -> (N, width) values."""
+        if planes_PND.shape[0] == 1:
+            value = planes_PND[0]
+            return value if out_dtype is None else value.to(out_dtype)
+        lo, hi = planes_PND[0], planes_PND[1]
+        if self.dtype == "bfloat16" and out_dtype == torch.float32:
+            # bf16 is the top half of fp32: place its two bytes into zeroed fp32 words directly.
+            words = torch.zeros(*lo.shape, 4, dtype=torch.uint8, device=lo.device)
+            words[..., 2] = lo
+            words[..., 3] = hi
+            return words.view(torch.float32).view(lo.shape)
+        pairs = torch.stack([lo, hi], dim=-1)
+        value = pairs.view(self.torch_dtype).view(lo.shape)
         return value if out_dtype is None else value.to(out_dtype)
+
+    def decode(self, data, numel: int, out_dtype: torch.dtype | None = None) -> Tensor:
+        """Inverse of encode as a flat tensor of the stored dtype (or converted to out_dtype)."""
+        return self.to_values(self.decode_planes(data, 1, numel), out_dtype).view(-1)
 
 
 @dataclass(frozen=True)
@@ -81,23 +112,34 @@ def write_shard(root: Path, rel: str, x: Tensor, codec: Codec) -> ShardRecord:
     return ShardRecord(rel, int(x.shape[0]), hashlib.sha256(data).hexdigest(), len(data))
 
 
-def read_shard(root: Path, rec: ShardRecord, width: int, codec: Codec, out_dtype: torch.dtype | None = None) -> Tensor:
-    """Load one shard as (rows, width), after checking its size and sha256 against the record."""
+def read_shard_planes(root: Path, rec: ShardRecord, width: int, codec: Codec) -> Tensor:
+    """Load one shard as (planes, rows, width) (see Codec.decode_planes) after checking size and sha256."""
     path = root / rec.file
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except FileNotFoundError:
         raise CorruptShardError(f"shard {path} is missing (listed in {root / MANIFEST})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if len(data) != rec.nbytes or digest != rec.sha256:
-        raise CorruptShardError(
-            f"shard {path} is corrupt: {len(data)} bytes with sha256 {digest[:12]}…, "
-            f"the manifest says {rec.nbytes} bytes with sha256 {rec.sha256[:12]}…"
-        )
     try:
-        return codec.decode(data, rec.rows * width, out_dtype).view(rec.rows, width)
-    except (zstandard.ZstdError, ValueError) as e:
-        raise CorruptShardError(f"shard {path} does not decode: {e}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if size != rec.nbytes or digest != rec.sha256:
+            raise CorruptShardError(
+                f"shard {path} is corrupt: {size} bytes with sha256 {digest[:12]}…, "
+                f"the manifest says {rec.nbytes} bytes with sha256 {rec.sha256[:12]}…"
+            )
+        try:
+            return codec.decode_planes(data, rec.rows, width)
+        except (zstandard.ZstdError, ValueError) as e:
+            raise CorruptShardError(f"shard {path} does not decode: {e}") from None
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+
+def read_shard(root: Path, rec: ShardRecord, width: int, codec: Codec, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Load one shard as (rows, width) values, after checking its size and sha256 against the record."""
+    return codec.to_values(read_shard_planes(root, rec, width, codec), out_dtype)
 
 
 def write_manifest(root: Path, manifest: dict, name: str = MANIFEST) -> Path:

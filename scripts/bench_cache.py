@@ -1,0 +1,217 @@
+"""Benchmark of the cache stage and the reader on a mid-size random Qwen3; prints one JSON line.
+
+Model: Qwen3 with hidden 1024, 8 layers, 16 heads (random weights, the fixtures' tokenizer), seq
+512, caching layers 1, 3, 5, 7. In the same process it times the bare truncated forward (hooks, no
+filters, no writes) and the cache stage over the same tokens. The reader is timed on caches made
+from those real activations (rows rescaled by 1 + 1% noise so that no two rows repeat), at two
+sizes 4x apart, each read in its own subprocess so that its peak RSS is its own.
+
+Usage: python scripts/bench_cache.py [--tokens 16384] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+LAYERS = [1, 3, 5, 7]
+
+
+def build_model(root: Path) -> Path:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from qscope_train.tiny import build_fixtures
+
+    fx = build_fixtures(root / "fixtures", n_docs=12000)
+    tok = AutoTokenizer.from_pretrained(fx["tiny-qwen3"])
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    out = root / "qwen3-mid"
+    Qwen3ForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def data_config(corpus: Path, tokens: int):
+    from qscope_train.config import DataConfig
+
+    return DataConfig(
+        dataset=str(corpus),
+        context_len=512,
+        train_tokens=tokens,
+        eval_tokens=512 * 8,
+        forward_batch_tokens=4096,
+        shard_tokens=4096,
+    )
+
+
+def time_forward(lm, cfg) -> float:
+    from qscope_train.lm import run_captured
+    from qscope_train.tokens import batched, load_text_dataset, token_stream
+
+    seqs = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg)
+    seqs = [s for _, s in zip(range((cfg.train_tokens + cfg.eval_tokens) // 512), seqs, strict=False)]
+    run_captured(lm, LAYERS, seqs[0].input_ids[None])  # warm-up
+    start, n = time.perf_counter(), 0
+    for ids, mask in batched(seqs, cfg.forward_sequences):
+        run_captured(lm, LAYERS, ids, mask.long())
+        n += ids.numel()
+    return n / (time.perf_counter() - start)
+
+
+class NoBar:
+    def __init__(self, **kw):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def scaled_cache(src: Path, manifest: dict, dst: Path, copies: int) -> Path:
+    """A cache of `copies` × the real one's train rows per layer, in the same format and codec."""
+    from qscope_train import shards
+    from qscope_train.shards import Codec
+
+    codec = Codec(**manifest["codec"])
+    g = torch.Generator().manual_seed(0)
+    splits = {"train": {"layers": {}}, "eval": manifest["splits"]["eval"]}
+    for n, lay in manifest["splits"]["train"]["layers"].items():
+        real = torch.cat(
+            [
+                shards.read_shard(src, shards.ShardRecord(**r), manifest["d_model"], codec, torch.float32)
+                for r in lay["shards"]
+            ]
+        )
+        recs = []
+        for i in range(copies):
+            x = real * (1 + 0.01 * torch.randn(real.shape[0], 1, generator=g))
+            recs.append(shards.write_shard(dst, f"train/layer{n}/shard-{i:06d}.zst", x, codec))
+        splits["train"]["layers"][n] = {"rows": sum(r.rows for r in recs), "shards": shards.as_dicts(recs)}
+    shards.write_manifest(dst, {**manifest, "splits": splits})
+    return dst
+
+
+def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float) -> dict:
+    """Runs in a subprocess: read shuffled fp32 batches of one layer for `seconds`; rows/s and peak RSS."""
+    from qscope_train import shards
+    from qscope_train.config import DataConfig
+    from qscope_train.reader import cached_batches
+
+    torch.set_num_threads(threads)
+    manifest = shards.read_manifest(cache)
+    cfg = DataConfig(dataset="-", reader_threads=threads)
+    it = iter(cached_batches(cache, manifest, [layer], batch, cfg, seed=0))
+    next(it)
+    start, rows = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        rows += next(it)[layer].shape[0]
+    rate = rows / (time.perf_counter() - start)
+    return {
+        "rows_per_s": rate,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cache_rows": manifest["splits"]["train"]["layers"][str(layer)]["rows"],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=16384, help="training tokens to forward and cache")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reader-seconds", type=float, default=8.0)
+    p.add_argument("--small-copies", type=int, default=16, help="the small reader cache is this many × the real one")
+    p.add_argument("--_read", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._read:
+        print(json.dumps(read_bench(Path(args._read[0]), int(args._read[1]), 4096, args.threads, args.reader_seconds)))
+        return
+
+    from qscope_train.cache import build_cache
+    from qscope_train.config import ModelConfig
+    from qscope_train.lm import load_lm
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = build_model(tmp)
+        lm = load_lm(ModelConfig(name_or_path=str(model_dir)))
+        cfg = data_config(tmp / "fixtures" / "corpus.jsonl", args.tokens)
+        forward = time_forward(lm, cfg)
+        start = time.perf_counter()
+        manifest = build_cache(lm, LAYERS, cfg, tmp / "cache", "cpu", NoBar)
+        cache_rate = (cfg.train_tokens + cfg.eval_tokens) / (time.perf_counter() - start)
+        rows = sum(lay["rows"] for sp in manifest["splits"].values() for lay in sp["layers"].values())
+        out = {
+            "forward_tokens_per_s": round(forward, 1),
+            "cache_tokens_per_s": round(cache_rate, 1),
+            "cache_over_forward": round(cache_rate / forward, 3),
+            "bytes_per_token_per_layer": round(manifest["compressed_bytes"] / rows, 1),
+            "compression_ratio": round(manifest["raw_bytes"] / manifest["compressed_bytes"], 3),
+        }
+        reads = {}
+        for name, copies in (("small", args.small_copies), ("large", 4 * args.small_copies)):
+            cache = scaled_cache(tmp / "cache", manifest, tmp / f"reader_{name}", copies)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--_read",
+                    str(cache),
+                    str(LAYERS[0]),
+                    "--threads",
+                    str(args.threads),
+                    "--reader-seconds",
+                    str(args.reader_seconds),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            reads[name] = json.loads(res.stdout.strip().splitlines()[-1])
+        out["reader_tokens_per_s_per_layer"] = round(reads["small"]["rows_per_s"], 1)
+        out["reader_tokens_per_s_per_layer_large"] = round(reads["large"]["rows_per_s"], 1)
+        out["reader_peak_rss_mb_small"] = round(reads["small"]["peak_rss_mb"], 1)
+        out["reader_peak_rss_mb_large"] = round(reads["large"]["peak_rss_mb"], 1)
+        out["reader_cache_rows_small"] = reads["small"]["cache_rows"]
+        out["reader_cache_rows_large"] = reads["large"]["cache_rows"]
+        out["settings"] = {
+            "d_model": 1024,
+            "layers": LAYERS,
+            "seq": 512,
+            "threads": args.threads,
+            "tokens": args.tokens,
+            "codec": manifest["codec"],
+            "reader_batch": 4096,
+        }
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
