@@ -119,7 +119,7 @@ def scaled_cache(src: Path, manifest: dict, dst: Path, copies: int) -> Path:
     return dst
 
 
-def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float) -> dict:
+def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float, dtype: str) -> dict:
     """Runs in a subprocess: read shuffled fp32 batches of one layer for `seconds`; rows/s and peak RSS."""
     from qscope_train import shards
     from qscope_train.config import DataConfig
@@ -128,7 +128,8 @@ def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float
     torch.set_num_threads(threads)
     manifest = shards.read_manifest(cache)
     cfg = DataConfig(dataset="-", reader_threads=threads)
-    it = iter(cached_batches(cache, manifest, [layer], batch, cfg, seed=0))
+    out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    it = iter(cached_batches(cache, manifest, [layer], batch, cfg, seed=0, out_dtype=out_dtype))
     next(it)
     start, rows = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
@@ -147,10 +148,19 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reader-seconds", type=float, default=8.0)
     p.add_argument("--small-copies", type=int, default=16, help="the small reader cache is this many × the real one")
+    p.add_argument(
+        "--reader-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the batches read"
+    )
     p.add_argument("--_read", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._read:
-        print(json.dumps(read_bench(Path(args._read[0]), int(args._read[1]), 4096, args.threads, args.reader_seconds)))
+        print(
+            json.dumps(
+                read_bench(
+                    Path(args._read[0]), int(args._read[1]), 4096, args.threads, args.reader_seconds, args.reader_dtype
+                )
+            )
+        )
         return
 
     from qscope_train.cache import build_cache
@@ -189,6 +199,8 @@ def main() -> None:
                     str(args.threads),
                     "--reader-seconds",
                     str(args.reader_seconds),
+                    "--reader-dtype",
+                    args.reader_dtype,
                 ],
                 capture_output=True,
                 text=True,
@@ -209,6 +221,7 @@ def main() -> None:
             "tokens": args.tokens,
             "codec": manifest["codec"],
             "reader_batch": 4096,
+            "reader_dtype": args.reader_dtype,
         }
         print(json.dumps(out))
 
