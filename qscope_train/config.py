@@ -203,6 +203,10 @@ class TrainerConfig:
     """Stop after this many steps; None means one pass over the cached training split."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off."""
+    auxk_k: Optional[int] = None
+    """Dead latents used by AuxK per token; None means d_model // 2."""
     seed: int = 0
     """Seed for initialisation and batch order."""
     log_every: int = 20
@@ -215,6 +219,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr must be positive, got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.auxk_coef < 0:
+            raise ConfigError(f"trainer.auxk_coef must be >= 0, got {self.auxk_coef}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"trainer.max_steps must be positive, got {self.max_steps}")
 

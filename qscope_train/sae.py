@@ -1,11 +1,14 @@
-"""TopK sparse autoencoder with the Qwen-Scope parameter names, shapes and encoder convention.
+"""TopK sparse autoencoder with the Qwen-Scope names, shapes and encoder convention, and a sparse backward.
 
 encode(x) is the release card's feature extraction: topk(x @ W_enc.T + b_enc, k) scattered into
 zeros (optionally with a ReLU first, as the official app does); decode(z) = z @ W_dec.T + b_dec.
+Inside, the decoder is kept as rows W_dec_FD (d_sae, d_model) = W_dec.T, which embedding_bag
+gathers fastest; `W_dec` is that parameter's transposed view and to_release() writes it as released.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -32,7 +35,48 @@ class SparseCode(NamedTuple):
 class ForwardOutput(NamedTuple):
     x_hat_BD: Tensor
     code: SparseCode
-    pre_BF: Tensor
+    pre_BF: Tensor  # dense pre-activations, without autograd history (for AuxK's selection)
+
+
+def sparse_rows_matmul(idx_BM: Tensor, vals_BM: Tensor, y_BD: Tensor, n_rows: int) -> Tensor:
+    """S @ y for S (n_rows, B) with S[idx[b, m], b] += vals[b, m]: the weight gradient of a sparse layer.
+
+    Built as a CSR matrix, so the cost is B·M·D multiply-adds instead of a dense (n_rows, B) GEMM.
+    """
+    B, M = idx_BM.shape
+    flat = idx_BM.reshape(-1)
+    order = flat.argsort()
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx_BM.device)
+    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
+    cols = torch.div(order, M, rounding_mode="floor")
+    with warnings.catch_warnings():  # torch calls CSR support "beta"; the indices here are valid by construction
+        warnings.simplefilter("ignore", UserWarning)
+        S = torch.sparse_csr_tensor(
+            crow, cols, vals_BM.reshape(-1)[order].to(y_BD.dtype), size=(n_rows, B), check_invariants=False
+        )
+    return S @ y_BD
+
+
+class _GatherPre(torch.autograd.Function):
+    """pre[b, idx[b, m]] from dense pre-activations computed without autograd, with a backward that
+    reaches W_enc and b_enc only through the gathered entries (no dense (B, d_sae) gradient)."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
+        ctx.save_for_backward(x_BD, idx_BM)
+        ctx.d_sae = W_enc.shape[0]
+        return pre_BF.gather(-1, idx_BM)
+
+    @staticmethod
+    def backward(ctx, g_BM: Tensor):
+        x_BD, idx_BM = ctx.saved_tensors
+        g_W = sparse_rows_matmul(idx_BM, g_BM, x_BD.to(g_BM.dtype), ctx.d_sae) if ctx.needs_input_grad[1] else None
+        g_b = None
+        if ctx.needs_input_grad[2]:
+            g_b = torch.zeros(ctx.d_sae, dtype=g_BM.dtype, device=g_BM.device).index_add_(
+                0, idx_BM.reshape(-1), g_BM.reshape(-1)
+            )
+        return None, g_W, g_b, None, None
 
 
 class TopKSAE(nn.Module):
@@ -53,20 +97,25 @@ class TopKSAE(nn.Module):
         self.activation = Activation(activation)
         f32 = dict(device=device, dtype=torch.float32)
         self.W_enc = nn.Parameter(torch.empty(d_sae, d_model, **f32))
-        self.W_dec = nn.Parameter(torch.empty(d_model, d_sae, **f32))
+        self.W_dec_FD = nn.Parameter(torch.empty(d_sae, d_model, **f32))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **f32))
         self.b_dec = nn.Parameter(torch.zeros(d_model, **f32))
         self.init_weights_()
+
+    @property
+    def W_dec(self) -> Tensor:
+        """The decoder as released, (d_model, d_sae): a view of W_dec_FD."""
+        return self.W_dec_FD.T
 
     # ----- construction and the release format -------------------------------------------------
 
     @torch.no_grad()
     def init_weights_(self, x_sample_ND: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
         """Unit-norm random decoder columns, W_enc = W_dec.T, b_enc = 0, b_dec = sample mean (or 0)."""
-        W = torch.randn(self.d_model, self.d_sae, generator=generator, dtype=torch.float32)
-        W /= W.norm(dim=0, keepdim=True)
-        self.W_dec.copy_(W)
-        self.W_enc.copy_(W.T)
+        rows = torch.randn(self.d_sae, self.d_model, generator=generator, dtype=torch.float32)
+        rows /= rows.norm(dim=1, keepdim=True)
+        self.W_dec_FD.copy_(rows)
+        self.W_enc.copy_(rows)
         self.b_enc.zero_()
         if x_sample_ND is None:
             self.b_dec.zero_()
@@ -79,8 +128,10 @@ class TopKSAE(nn.Module):
         d_sae, d_model = tensors["W_enc"].shape
         sae = cls(d_model, d_sae, k, activation, device=tensors["W_enc"].device)
         with torch.no_grad():
-            for key in RELEASE_KEYS:
-                getattr(sae, key).copy_(tensors[key])
+            sae.W_enc.copy_(tensors["W_enc"])
+            sae.W_dec_FD.copy_(tensors["W_dec"].T)
+            sae.b_enc.copy_(tensors["b_enc"])
+            sae.b_dec.copy_(tensors["b_dec"])
         return sae
 
     @torch.no_grad()
@@ -97,11 +148,11 @@ class TopKSAE(nn.Module):
         """
         return x_BD.to(self.W_enc.dtype) @ self.W_enc.T + self.b_enc
 
-    def select(self, pre_BF: Tensor) -> SparseCode:
+    def select(self, pre_BF: Tensor, k: Optional[int] = None) -> SparseCode:
         """Top-k of the pre-activations (after a ReLU for relu_topk)."""
         if self.activation is Activation.relu_topk:
             pre_BF = F.relu(pre_BF)
-        vals_BK, idx_BK = pre_BF.topk(self.k, dim=-1, sorted=False)
+        vals_BK, idx_BK = pre_BF.topk(k or self.k, dim=-1, sorted=False)
         return SparseCode(vals_BK, idx_BK)
 
     def encode_sparse(self, x_BD: Tensor) -> SparseCode:
@@ -110,42 +161,54 @@ class TopKSAE(nn.Module):
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense feature activations (B, d_sae): the card's get_feature_acts."""
         vals_BK, idx_BK = self.encode_sparse(x_BD)
-        return torch.zeros(*vals_BK.shape[:-1], self.d_sae, dtype=vals_BK.dtype, device=vals_BK.device).scatter_(
-            -1, idx_BK, vals_BK
-        )
+        out = torch.zeros(*vals_BK.shape[:-1], self.d_sae, dtype=vals_BK.dtype, device=vals_BK.device)
+        return out.scatter_(-1, idx_BK, vals_BK)
 
     def decode(self, z_BF: Tensor) -> Tensor:
         """z @ W_dec.T + b_dec for dense latents z (B, d_sae)."""
-        return F.linear(z_BF, self.W_dec, self.b_dec)
+        return z_BF @ self.W_dec_FD + self.b_dec
 
-    def decode_sparse(self, code: SparseCode) -> Tensor:
-        """Same as decode(dense z) but gathers only the k active decoder columns per row."""
+    def decode_sparse(self, code: SparseCode, bias: bool = True) -> Tensor:
+        """Same as decode(dense z) but gathers only the k active decoder rows per row of the batch."""
         vals_BK, idx_BK = code
         lead = idx_BK.shape[:-1]
+        m = idx_BK.shape[-1]
         out_BD = F.embedding_bag(
-            idx_BK.reshape(-1, self.k), self.W_dec.T, per_sample_weights=vals_BK.reshape(-1, self.k), mode="sum"
+            idx_BK.reshape(-1, m), self.W_dec_FD, per_sample_weights=vals_BK.reshape(-1, m), mode="sum"
         )
-        return (out_BD + self.b_dec).reshape(*lead, self.d_model)
+        if bias:
+            out_BD = out_BD + self.b_dec
+        return out_BD.reshape(*lead, self.d_model)
+
+    def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
+        """Values at idx that carry gradients to W_enc and b_enc through the sparse backward."""
+        vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, idx_BM)
+        return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
     def forward(self, x_BD: Tensor) -> ForwardOutput:
-        pre_BF = self.pre_acts(x_BD)
-        code = self.select(pre_BF)
+        """Training forward: dense pre-activations without autograd, sparse gradients for the top k."""
+        x_BD = x_BD.to(self.W_enc.dtype)
+        with torch.no_grad():
+            pre_BF = self.pre_acts(x_BD)
+            idx_BK = self.select(pre_BF).idx_BK
+        vals_BK = self.code_with_grad(x_BD, pre_BF, idx_BK)
+        code = SparseCode(vals_BK, idx_BK)
         return ForwardOutput(self.decode_sparse(code), code, pre_BF)
 
     # ----- decoder-norm helpers (in place) -----------------------------------------------------------
 
     @torch.no_grad()
     def unit_norm_decoder_(self) -> None:
-        """Rescale every decoder column W_dec[:, j] to unit L2 norm."""
-        self.W_dec /= self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        """Rescale every decoder direction (a row of W_dec_FD, a column of W_dec) to unit L2 norm."""
+        self.W_dec_FD /= self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
-        """Drop the gradient component along each decoder column, so a step keeps norms ~1."""
-        if self.W_dec.grad is None:
+        """Drop the gradient component along each decoder direction, so a step keeps norms ~1."""
+        if self.W_dec_FD.grad is None:
             return
-        parallel_F = (self.W_dec.grad * self.W_dec).sum(0, keepdim=True)
-        self.W_dec.grad -= parallel_F * self.W_dec
+        parallel_F = (self.W_dec_FD.grad * self.W_dec_FD).sum(1, keepdim=True)
+        self.W_dec_FD.grad -= parallel_F * self.W_dec_FD
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, activation={self.activation.value}"

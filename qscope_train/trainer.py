@@ -14,10 +14,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .config import TrainerConfig
+from .config import Activation, TrainerConfig
 from .errors import QScopeError
 from .losses import fvu
-from .sae import TopKSAE
+from .sae import SparseCode, TopKSAE
 
 
 def default_lr(d_sae: int) -> float:
@@ -49,10 +49,32 @@ class NonFiniteLossError(QScopeError, FloatingPointError):
     """The loss became NaN or inf."""
 
 
-def train_step(state: LayerState, x_BD: Tensor) -> dict[str, float]:
+def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int) -> Tensor:
+    """AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the detached residual x - x_hat.
+
+    Its gradient reaches W_dec (dead rows) and, through the sparse gather, W_enc and b_enc.
+    """
+    dead_idx = dead_F.nonzero().squeeze(1)
+    with torch.no_grad():
+        pre = out.pre_BF.index_select(1, dead_idx)
+        if sae.activation is Activation.relu_topk:
+            pre = torch.relu(pre)
+        idx_BA = dead_idx[pre.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False).indices]
+    vals_BA = sae.code_with_grad(x_BD, out.pre_BF, idx_BA)
+    e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False)
+    return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD)
+
+
+def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str, float]:
     sae = state.sae
+    x_BD = x_BD.float()
     out = sae(x_BD)
-    loss = fvu(x_BD, out.x_hat_BD)
+    main = fvu(x_BD, out.x_hat_BD)
+    loss, aux = main, None
+    dead_F = state.since_fired_F >= cfg.dead_after_tokens
+    if cfg.auxk_coef > 0 and bool(dead_F.any()):
+        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2)
+        loss = main + cfg.auxk_coef * aux
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()}")
     state.opt.zero_grad(set_to_none=True)
@@ -68,9 +90,9 @@ def train_step(state: LayerState, x_BD: Tensor) -> dict[str, float]:
         state.since_fired_F[fired_F] = 0
         l0 = float((out.code.vals_BK != 0).sum(-1).float().mean())
     state.tokens += x_BD.shape[0]
-    value = loss.item()
+    value = main.item()
     state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
-    return {"fvu": value, "l0": l0, "lr": lr}
+    return {"fvu": value, "auxk": aux.item() if aux is not None else 0.0, "l0": l0, "lr": lr}
 
 
 def fit(
@@ -107,7 +129,7 @@ def fit(
             metrics = {}
             for n, state in states.items():
                 try:
-                    m = train_step(state, batch[n].to(device, non_blocking=True))
+                    m = train_step(state, batch[n].to(device, non_blocking=True), cfg)
                 except NonFiniteLossError as e:
                     raise NonFiniteLossError(
                         f"layer {n}, step {step}: {e}; stopping (check the activations and lr)"

@@ -36,6 +36,14 @@ def test_release_module_release_round_trip_is_exact():
         assert torch.equal(back[key], tensors[key])
 
 
+def test_decoder_is_stored_as_rows_and_released_as_columns():
+    tensors = random_release(d_model=8, d_sae=32)
+    sae = TopKSAE.from_release(tensors, k=4)
+    assert sae.W_dec_FD.shape == (32, 8) and sae.W_dec_FD.is_contiguous()
+    assert torch.equal(sae.W_dec, tensors["W_dec"])
+    assert sae.to_release()["W_dec"].is_contiguous()
+
+
 def test_sparse_decode_matches_dense_decode():
     sae = TopKSAE(16, 128, 10)
     x = torch.randn(50, 16)
@@ -54,10 +62,10 @@ def test_parallel_gradient_removal_and_renorm():
     x = torch.randn(64, 16)
     fvu(x, sae(x).x_hat_BD).backward()
     sae.remove_parallel_grad_()
-    along = (sae.W_dec.grad * sae.W_dec).sum(0)
+    along = (sae.W_dec_FD.grad * sae.W_dec_FD).sum(1)
     assert along.abs().max() < 1e-6
     with torch.no_grad():
-        sae.W_dec.mul_(3.0)
+        sae.W_dec_FD.mul_(3.0)
     sae.unit_norm_decoder_()
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(128))
 

@@ -6,7 +6,7 @@ import torch
 from qscope_train.config import TrainerConfig
 from qscope_train.losses import fvu
 from qscope_train.sae import TopKSAE
-from qscope_train.trainer import NonFiniteLossError, default_lr, fit, lr_factor
+from qscope_train.trainer import NonFiniteLossError, auxk_loss, default_lr, fit, lr_factor
 
 
 def _dense_reference(sae: TopKSAE, x):
@@ -31,6 +31,53 @@ def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter():
     for name, p in sae.named_parameters():
         assert sparse[name].abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _dense_loss_with_auxk(sae: TopKSAE, x, dead, k_aux, coef):
+    """FVU + coef * AuxK written densely, for autograd to differentiate."""
+    pre = x @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(sae.k, dim=-1)
+    x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae.W_dec.T + sae.b_dec
+    e = (x - x_hat).detach()
+    aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, aux_idx, aux_vals) @ sae.W_dec.T
+    return fvu(x, x_hat) + coef * fvu(e, e_hat)
+
+
+def _sae_with_dead(seed=0):
+    torch.manual_seed(seed)
+    sae = TopKSAE(16, 128, 8)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128)[:40]] = True
+    return sae, dead
+
+
+def test_auxk_gradients_equal_the_dense_reference_for_every_parameter():
+    sae, dead = _sae_with_dead()
+    x = torch.randn(64, 16)
+    out = sae(x)
+    (fvu(x, out.x_hat_BD) + 0.25 * auxk_loss(sae, x, out, dead, 6)).backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    _dense_loss_with_auxk(sae, x, dead, 6, 0.25).backward()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auxk_alone_trains_the_encoder_and_decoder_of_dead_latents():
+    sae, dead = _sae_with_dead(1)
+    x = torch.randn(64, 16)
+    out = sae(x)
+    auxk_loss(sae, x, out, dead, 6).backward()
+    for name in ("W_enc", "b_enc", "W_dec_FD"):
+        g = getattr(sae, name).grad
+        rows = g.abs().reshape(128, -1).sum(1)
+        assert rows[dead].sum() > 0, f"AuxK sent no gradient to {name}"
+        assert rows[~dead].sum() == 0, f"AuxK touched live latents in {name}"
+    assert sae.b_dec.grad is None or sae.b_dec.grad.abs().sum() == 0
 
 
 def _sparse_data(n=4096, d=32, atoms=256, active=4, seed=0):
