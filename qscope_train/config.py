@@ -249,6 +249,11 @@ class RunConfig:
     """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in that order."""
     layers: list[int] = MISSING
     """Decoder layer indices n whose output (residual stream after block n) gets an SAE."""
+    init_from: Optional[str] = None
+    """Start each layer's SAE from a release: a layer<n>.sae.pt directory or a hub repo id (k and width
+    come from it, e.g. Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_100); None trains from scratch."""
+    init_from_revision: Optional[str] = None
+    """Hub revision of init_from."""
     release_model_name: Optional[str] = None
     """Model name used in the export's release-style name SAE-Res-<name>-W<N>K-L0_<k>."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -134,12 +134,11 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
             )
         steps = t.max_steps or max(1, rows // t.batch_size)
         batches = cached_batches(dirs.cache, manifest, cfg.layers, t.batch_size, cfg.data, t.seed)
-    g = torch.Generator().manual_seed(t.seed)
-    saes = {}
-    for n in cfg.layers:
-        saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
-        saes[n].init_weights_(generator=g)
-    summary = fit(saes, iter(batches), t, steps, device, lambda s, m: tracker.log("fit", s, m), tracker.progress)
+    saes = initial_saes(cfg, d_model)
+    summary = fit(
+        saes, iter(batches), t, steps, device, lambda s, m: tracker.log("fit", s, m), tracker.progress,
+        init_b_dec=cfg.init_from is None,
+    )
     for n, sae in saes.items():
         release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
         release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))
@@ -151,6 +150,32 @@ def _fit_file(dirs: RunDirs, n: int, stage: str) -> Path:
     if not path.is_file():
         raise MissingInputError(f"{path} does not exist: run the fit stage first (stages=[fit,{stage}])")
     return path
+
+
+def initial_saes(cfg: RunConfig, d_model: int) -> dict[int, TopKSAE]:
+    """Fresh SAEs (unit-norm random decoder, tied encoder), or the release named by init_from."""
+    if cfg.init_from is None:
+        g = torch.Generator().manual_seed(cfg.trainer.seed)
+        saes = {}
+        for n in cfg.layers:
+            saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
+            saes[n].init_weights_(generator=g)
+        return saes
+    saes = {}
+    for n in cfg.layers:
+        sae = release.load_sae(
+            cfg.init_from, layer=n, revision=cfg.init_from_revision, default_activation=cfg.sae.activation
+        )
+        if sae.d_model != d_model:
+            raise InputError(
+                f"init_from={cfg.init_from!r} layer {n} has d_model {sae.d_model}, but {cfg.model.name_or_path!r} "
+                f"has d_model {d_model}: the SAE was trained on another model"
+            )
+        saes[n] = sae
+    first = saes[cfg.layers[0]]
+    if (first.d_sae, first.k) != (cfg.sae.d_sae, cfg.sae.k):
+        print(f"init_from: using the checkpoint's d_sae={first.d_sae}, k={first.k} (sae.* settings ignored)")
+    return saes
 
 
 def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
@@ -195,6 +220,7 @@ def export_stage(cfg: RunConfig, dirs: RunDirs) -> Path:
         "layers": list(cfg.layers),
         "release_name": first["release_name"],
         "tokens_trained": first["tokens_trained"],
+        "source": first.get("init_from"),
     }
     release.write_model_card(dirs.export, info, {n: m.get("metrics", {}) for n, m in metas.items()})
     print(f"export: {len(metas)} layer files + sidecars + README.md -> {dirs.export}")
@@ -221,6 +247,7 @@ def layer_meta(cfg: RunConfig, model_name: str, n: int, sae: TopKSAE, summary: O
         "d_sae": sae.d_sae,
         "k": sae.k,
         "activation": sae.activation.value,
+        "init_from": cfg.init_from,
         "tokens_trained": (summary or {}).get("tokens_trained", 0),
         "train": summary or {},
         "data": to_plain(cfg.data),

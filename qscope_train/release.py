@@ -169,11 +169,12 @@ def load_sae(
     k: Optional[int] = None,
     activation: Optional[Activation] = None,
     revision: Optional[str] = None,
+    default_activation: Activation = Activation.topk,
 ) -> TopKSAE:
     """A TopKSAE from a release file, directory + layer, or hub repo id + layer.
 
     k and activation default to the sidecar's (layer<n>.json), else k comes from a release-style
-    name and the activation is the card's plain top-k.
+    name and the activation is default_activation (the card's plain top-k unless told otherwise).
     """
     file = resolve(source, layer, revision)
     tensors = load_tensors(file)
@@ -185,7 +186,7 @@ def load_sae(
         )
     if activation is None:
         side = read_sidecar(file) or {}
-        activation = Activation(side.get("activation", Activation.topk.value))
+        activation = Activation(side.get("activation", default_activation.value))
     return TopKSAE.from_release(tensors, k, activation)
 
 

@@ -177,3 +177,45 @@ def test_qwen3_5_demo_pipeline(fixtures_dir, tmp_path):
     metrics = run(cfg, Accelerator(cpu=True))
     assert sorted(metrics) == [0, 1]
     assert all(m["fvu"] < 0.5 for m in metrics.values()), metrics
+
+
+def _release_dir(path, layers, d_model=64, d_sae=1024, seed=0):
+    from conftest import random_release
+
+    for n in layers:
+        t = random_release(d_model=d_model, d_sae=d_sae, seed=seed + n)
+        t["W_dec"] = t["W_dec"] / t["W_dec"].norm(dim=0, keepdim=True)  # trained SAEs have unit-norm columns
+        release.save_tensors(path / f"layer{n}.sae.pt", t)
+    return path
+
+
+def test_continue_from_a_release_starts_from_its_tensors(demo, tmp_path):
+    _, run_dir, _ = demo
+    src = _release_dir(tmp_path / "SAE-Res-tiny-W1K-L0_12", [1, 2])
+    shutil.copytree(run_dir / "cache", tmp_path / "run" / "cache")
+    base = ["experiment=demo", f"run_dir={tmp_path / 'run'}", f"init_from={src}", *SMALL]
+    # a vanishing learning rate: one step must leave the loaded tensors as they were
+    run(compose([*base, "stages=[fit]", "trainer.max_steps=1", "trainer.lr=1e-20", "trainer.warmup_steps=0"]), Accelerator(cpu=True))
+    for n in (1, 2):
+        got = torch.load(tmp_path / "run" / "fit" / f"layer{n}.sae.pt", weights_only=True)
+        want = torch.load(src / f"layer{n}.sae.pt", weights_only=True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    side = json.loads((tmp_path / "run" / "fit" / "layer1.json").read_text())
+    assert side["k"] == 12 and side["init_from"] == str(src)
+    # real training moves them, and the export's card names the source
+    run(compose([*base, "stages=[fit,export]", "trainer.max_steps=20"]), Accelerator(cpu=True))
+    got = torch.load(tmp_path / "run" / "export" / "layer1.sae.pt", weights_only=True)
+    want = torch.load(src / "layer1.sae.pt", weights_only=True)
+    assert not torch.equal(got["W_enc"], want["W_enc"])
+    assert torch.nn.functional.cosine_similarity(got["W_enc"], want["W_enc"], dim=1).mean() > 0.5
+    assert f"Adapted from: {src}" in (tmp_path / "run" / "export" / "README.md").read_text()
+
+
+def test_continue_from_a_release_of_another_width_is_refused(demo, tmp_path):
+    _, run_dir, _ = demo
+    src = _release_dir(tmp_path / "SAE-Res-other-W1K-L0_8", [1, 2], d_model=32)
+    shutil.copytree(run_dir / "cache", tmp_path / "run" / "cache")
+    cfg = compose(["experiment=demo", f"run_dir={tmp_path / 'run'}", f"init_from={src}", "stages=[fit]", *SMALL])
+    with pytest.raises(ValueError, match="layer 1 has d_model 32, but .* has d_model 64"):
+        run(cfg, Accelerator(cpu=True))
