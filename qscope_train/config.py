@@ -207,6 +207,10 @@ class TrainerConfig:
     """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
     seed: int = 0
     """Seed for initialisation and batch order."""
     log_every: int = 20

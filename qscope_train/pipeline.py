@@ -23,7 +23,7 @@ from .lm import load_lm
 from .reader import cached_batches, eval_rows, live_batches, live_chunks
 from .sae import TopKSAE
 from .tracking import Tracker
-from .trainer import fit
+from .trainer import Checkpoints, fit
 
 EVAL_BATCH = 4096
 
@@ -135,10 +135,30 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
         steps = t.max_steps or max(1, rows // t.batch_size)
         batches = cached_batches(dirs.cache, manifest, cfg.layers, t.batch_size, cfg.data, t.seed)
     saes = initial_saes(cfg, d_model)
+    fingerprint = {
+        "layers": list(cfg.layers),
+        "sae": to_plain(cfg.sae),
+        "trainer": {
+            k: v for k, v in to_plain(t).items() if k not in ("checkpoint_every", "keep_checkpoints", "log_every")
+        },
+        "steps": steps,
+        "model": cfg.model.name_or_path,
+        "init_from": cfg.init_from,
+        "source": cfg.data.source.value,
+    }
+    ckpts = Checkpoints(dirs.fit / "checkpoints", t.checkpoint_every, t.keep_checkpoints, fingerprint)
     summary = fit(
-        saes, iter(batches), t, steps, device, lambda s, m: tracker.log("fit", s, m), tracker.progress,
+        saes,
+        batches,
+        t,
+        steps,
+        device,
+        lambda s, m: tracker.log("fit", s, m),
+        tracker.progress,
         init_b_dec=cfg.init_from is None,
+        checkpoints=ckpts,
     )
+
     for n, sae in saes.items():
         release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
         release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))

@@ -64,11 +64,18 @@ class Tracker:
             self._wandb_step = max(self._wandb_step, step)
             self._wandb.log(flat, step=self._wandb_step)
 
-    def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "it"):
+    def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0):
         if not self.is_main:
             return nullcontext(_NullBar())
         return tqdm(
-            total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=sys.stderr, mininterval=0.5
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5,
+            initial=initial,
         )
 
     def close(self) -> None:

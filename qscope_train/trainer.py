@@ -6,16 +6,20 @@ Adam step, renormalise decoder columns, update the tokens-since-fired counters.
 
 from __future__ import annotations
 
+import io
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .config import Activation, TrainerConfig
-from .errors import QScopeError
+from .errors import InputError, QScopeError
+from .fsutil import atomic_write_bytes, atomic_write_json
 from .losses import fvu
 from .sae import SparseCode, TopKSAE
 
@@ -95,44 +99,115 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str,
     return {"fvu": value, "auxk": aux.item() if aux is not None else 0.0, "l0": l0, "lr": lr}
 
 
+class Checkpoints:
+    """Atomic step-<n>.pt files in one directory, the last `keep` kept, refused if the settings differ."""
+
+    def __init__(self, directory: Path, every: int, keep: int, fingerprint: dict) -> None:
+        self.dir, self.every, self.keep, self.fingerprint = Path(directory), every, keep, fingerprint
+
+    def _files(self) -> list[Path]:
+        return sorted(self.dir.glob("step-*.pt"))
+
+    def latest(self) -> Optional[dict]:
+        files = self._files()
+        if not files:
+            return None
+        ckpt = torch.load(files[-1], map_location="cpu", weights_only=True)
+        if ckpt["fingerprint"] != self.fingerprint:
+            raise InputError(
+                f"{files[-1]} was written by a run with other settings; delete {self.dir} to start over "
+                f"(saved: {ckpt['fingerprint']}, now: {self.fingerprint})"
+            )
+        return ckpt
+
+    def save(self, step: int, payload: dict) -> Path:
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, "step": step, **payload}, buf)
+        path = atomic_write_bytes(self.dir / f"step-{step:09d}.pt", buf.getvalue())
+        atomic_write_json(self.dir / "latest.json", {"step": step, "file": path.name})
+        for old in self._files()[: -self.keep]:
+            old.unlink()
+        return path
+
+
+def _state_payload(states: dict[int, LayerState], reader) -> dict:
+    layers = {
+        str(n): {
+            "sae": s.sae.state_dict(),
+            "opt": s.opt.state_dict(),
+            "sched": s.sched.state_dict(),
+            "since_fired": s.since_fired_F.cpu(),
+            "tokens": s.tokens,
+            "fvu_ema": s.fvu_ema,
+        }
+        for n, s in states.items()
+    }
+    return {"layers": layers, "reader": reader.state_dict() if hasattr(reader, "state_dict") else None}
+
+
+def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
+    for n, s in states.items():
+        saved = ckpt["layers"][str(n)]
+        s.sae.load_state_dict(saved["sae"])
+        s.opt.load_state_dict(saved["opt"])
+        s.sched.load_state_dict(saved["sched"])
+        s.since_fired_F.copy_(saved["since_fired"])
+        s.tokens, s.fvu_ema = saved["tokens"], saved["fvu_ema"]
+    if ckpt["reader"] is not None and hasattr(reader, "load_state_dict"):
+        reader.load_state_dict(ckpt["reader"])
+    else:
+        print("resume: this activation source cannot seek, so its stream starts again from the beginning")
+
+
 def fit(
     saes: dict[int, TopKSAE],
-    batches: Iterator[dict[int, Tensor]],
+    batches: Iterable[dict[int, Tensor]],
     cfg: TrainerConfig,
     total_steps: int,
     device: torch.device | str,
     log: Callable[[int, dict], None],
     progress: Callable[..., object],
     init_b_dec: bool = True,
+    checkpoints: Optional[Checkpoints] = None,
 ) -> dict[int, dict]:
-    """Train every SAE for total_steps steps; returns a per-layer summary (tokens, final FVU, dead fraction)."""
-    first = next(batches)
+    """Train every SAE for total_steps steps, resuming from the latest checkpoint if there is one.
+
+    `batches` is iterated once; if it has state_dict()/load_state_dict() its position is checkpointed.
+    Returns a per-layer summary (tokens, final FVU, dead fraction).
+    """
     states = {}
     for n, sae in saes.items():
         sae.to(device)
-        if init_b_dec:
-            with torch.no_grad():
-                sae.b_dec.copy_(first[n].to(device).float().mean(0))
         lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
         )
         states[n] = LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
+    ckpt = checkpoints.latest() if checkpoints else None
+    start = 0
+    if ckpt is not None:
+        _restore(states, batches, ckpt)
+        start = ckpt["step"] + 1
+        print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
+    it = iter(batches)
+    if ckpt is None and init_b_dec:
+        first = next(it)
+        with torch.no_grad():
+            for n, state in states.items():
+                state.sae.b_dec.copy_(first[n].to(device).float().mean(0))
+        it = itertools.chain([first], it)
 
-    def batches_with_first():
-        yield first
-        yield from batches
-
-    with progress(total=total_steps, desc="fit", unit="step") as bar:
-        for step, batch in zip(range(total_steps), batches_with_first(), strict=False):
+    with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
+        for step, batch in zip(range(start, total_steps), it, strict=False):
             metrics = {}
             for n, state in states.items():
                 try:
                     m = train_step(state, batch[n].to(device, non_blocking=True), cfg)
                 except NonFiniteLossError as e:
+                    kept = f"; the last good checkpoint is in {checkpoints.dir}" if checkpoints else ""
                     raise NonFiniteLossError(
-                        f"layer {n}, step {step}: {e}; stopping (check the activations and lr)"
+                        f"layer {n}, step {step}: {e}; stopping (check the activations and lr){kept}"
                     ) from None
                 m["dead_frac"] = float((state.since_fired_F >= cfg.dead_after_tokens).float().mean())
                 metrics[n] = m
@@ -140,6 +215,8 @@ def fit(
                 log(step, metrics)
                 worst = max(metrics.values(), key=lambda m: m["fvu"])
                 bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
+            if checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total_steps:
+                checkpoints.save(step, _state_payload(states, batches))
             bar.update(1)
     return {
         n: {

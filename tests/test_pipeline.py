@@ -4,8 +4,10 @@ compatibility with the release card's own loading code."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,7 +197,10 @@ def test_continue_from_a_release_starts_from_its_tensors(demo, tmp_path):
     shutil.copytree(run_dir / "cache", tmp_path / "run" / "cache")
     base = ["experiment=demo", f"run_dir={tmp_path / 'run'}", f"init_from={src}", *SMALL]
     # a vanishing learning rate: one step must leave the loaded tensors as they were
-    run(compose([*base, "stages=[fit]", "trainer.max_steps=1", "trainer.lr=1e-20", "trainer.warmup_steps=0"]), Accelerator(cpu=True))
+    run(
+        compose([*base, "stages=[fit]", "trainer.max_steps=1", "trainer.lr=1e-20", "trainer.warmup_steps=0"]),
+        Accelerator(cpu=True),
+    )
     for n in (1, 2):
         got = torch.load(tmp_path / "run" / "fit" / f"layer{n}.sae.pt", weights_only=True)
         want = torch.load(src / f"layer{n}.sae.pt", weights_only=True)
@@ -219,3 +224,54 @@ def test_continue_from_a_release_of_another_width_is_refused(demo, tmp_path):
     cfg = compose(["experiment=demo", f"run_dir={tmp_path / 'run'}", f"init_from={src}", "stages=[fit]", *SMALL])
     with pytest.raises(ValueError, match="layer 1 has d_model 32, but .* has d_model 64"):
         run(cfg, Accelerator(cpu=True))
+
+
+def _fit_cli(run_dir, *extra):
+    exe = Path(sys.executable).with_name("qscope-train")
+    return [
+        str(exe),
+        "experiment=demo",
+        f"run_dir={run_dir}",
+        "stages=[fit]",
+        *SMALL,
+        "trainer.max_steps=150",
+        "trainer.checkpoint_every=5",
+        "data.shuffle_buffer_tokens=3000",
+        *extra,
+    ]
+
+
+def test_kill_9_during_fit_then_rerun_gives_the_uninterrupted_weights(demo, fixtures_dir, tmp_path):
+    _, run_dir, _ = demo
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir))
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    for d in (ref, crashed):
+        shutil.copytree(run_dir / "cache", d / "cache")
+    subprocess.run(_fit_cli(ref), env=env, check=True, capture_output=True, timeout=300)
+    latest = crashed / "fit" / "checkpoints" / "latest.json"
+    proc = subprocess.Popen(_fit_cli(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not latest.is_file() or json.loads(latest.read_text())["step"] < 29):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "fit" / "layer1.sae.pt").exists()
+    out = subprocess.run(_fit_cli(crashed), env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resume: continuing after step" in out.stdout
+    for n in (1, 2):
+        a = torch.load(ref / "fit" / f"layer{n}.sae.pt", weights_only=True)
+        b = torch.load(crashed / "fit" / f"layer{n}.sae.pt", weights_only=True)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (n, key)
+    assert len(list((crashed / "fit" / "checkpoints").glob("step-*.pt"))) == 2  # keep_checkpoints
+
+
+def test_resume_with_other_settings_is_refused(demo, tmp_path):
+    _, run_dir, _ = demo
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")
+    base = ["experiment=demo", f"run_dir={tmp_path}", "stages=[fit]", *SMALL, "trainer.checkpoint_every=5"]
+    run(compose([*base, "trainer.max_steps=12"]), Accelerator(cpu=True))
+    with pytest.raises(ValueError, match="written by a run with other settings"):
+        run(compose([*base, "trainer.max_steps=12", "trainer.lr=0.5"]), Accelerator(cpu=True))
