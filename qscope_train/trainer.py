@@ -20,6 +20,7 @@ from torch import Tensor
 from .config import Activation, TrainerConfig
 from .errors import InputError, QScopeError
 from .fsutil import atomic_write_bytes, atomic_write_json
+from .lm import TORCH_DTYPES
 from .losses import fvu
 from .sae import SparseCode, TopKSAE
 
@@ -72,7 +73,7 @@ def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int) -> Te
 def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str, float]:
     sae = state.sae
     x_BD = x_BD.float()
-    out = sae(x_BD)
+    out = sae(x_BD, gemm_dtype=TORCH_DTYPES[cfg.encoder_dtype])
     main = fvu(x_BD, out.x_hat_BD)
     loss, aux = main, None
     dead_F = state.since_fired_F >= cfg.dead_after_tokens
@@ -97,6 +98,17 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str,
     value = main.item()
     state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
     return {"fvu": value, "auxk": aux.item() if aux is not None else 0.0, "l0": l0, "lr": lr}
+
+
+def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.device | str) -> LayerState:
+    """Adam (the fused kernel: 7x faster than foreach on a 2-core CPU) and the warmup/decay schedule for one SAE."""
+    sae.to(device)
+    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
+    )
+    return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
 
 
 class Checkpoints:
@@ -175,15 +187,7 @@ def fit(
     `batches` is iterated once; if it has state_dict()/load_state_dict() its position is checkpointed.
     Returns a per-layer summary (tokens, final FVU, dead fraction).
     """
-    states = {}
-    for n, sae in saes.items():
-        sae.to(device)
-        lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
-        )
-        states[n] = LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
+    states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
     ckpt = checkpoints.latest() if checkpoints else None
     start = 0
     if ckpt is not None:

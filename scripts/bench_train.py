@@ -1,0 +1,101 @@
+"""Times qscope-train's full SAE training step on random inputs; prints one JSON line.
+
+Inside the timed window, per step: forward (dense encoder GEMM without autograd, top-k, sparse gather,
+embedding_bag decode), FVU (+ AuxK), backward (sparse encoder/decoder gradients), removal of the
+gradient parallel to the decoder directions, Adam, learning-rate schedule, decoder renormalisation,
+dead-latent counters. The floor, measured in the same process on the same inputs, is the dense
+encoder GEMM plus the top-k: what any TopK trainer must compute.
+
+Usage: python scripts/bench_train.py --d-model 1024 --d-sae 16384 --k 64 --batch 4096 [--auxk-all-dead]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from qscope_train.config import DType, TrainerConfig
+from qscope_train.sae import TopKSAE
+from qscope_train.trainer import new_state, train_step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=1024)
+    p.add_argument("--d-sae", type=int, default=16384)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="encoder GEMM dtype")
+    p.add_argument("--auxk-all-dead", action="store_true", help="every latent dead on every step (AuxK's worst case)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    total = a.warmup + a.steps
+    batches = [torch.randn(a.batch, a.d_model) for _ in range(total)]
+    cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype))
+    sae = TopKSAE(a.d_model, a.d_sae, a.k)
+    sae.init_weights_(batches[0], generator=torch.Generator().manual_seed(a.seed))
+    state = new_state(sae, cfg, 10_000, "cpu")
+
+    times, metrics = [], {}
+    for step, x in enumerate(batches):
+        if a.auxk_all_dead:
+            state.since_fired_F.fill_(cfg.dead_after_tokens)
+        t0 = time.perf_counter()
+        metrics = train_step(state, x, cfg)
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t0)
+
+    floor = []
+    gemm_dtype = torch.float32 if a.dtype == "float32" else torch.bfloat16
+    with torch.no_grad():
+        for step, x in enumerate(batches):
+            t0 = time.perf_counter()
+            if gemm_dtype == torch.float32:
+                pre = torch.addmm(sae.b_enc, x, sae.W_enc.T)
+            else:
+                pre = (x.to(gemm_dtype) @ sae.W_enc.to(gemm_dtype).T).float() + sae.b_enc
+            pre.topk(a.k, dim=-1, sorted=False)
+            if step >= a.warmup:
+                floor.append(time.perf_counter() - t0)
+
+    step_s, floor_s = statistics.median(times), statistics.median(floor)
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": round(a.batch / step_s, 1),
+                "floor_tokens_per_s": round(a.batch / floor_s, 1),
+                "fraction_of_floor": round(floor_s / step_s, 3),
+                "step_s_median": round(step_s, 4),
+                "step_s_min": round(min(times), 4),
+                "step_s_max": round(max(times), 4),
+                "last_fvu": round(metrics["fvu"], 4),
+                "last_auxk": round(metrics["auxk"], 4),
+                "settings": {
+                    "d_model": a.d_model,
+                    "d_sae": a.d_sae,
+                    "k": a.k,
+                    "batch": a.batch,
+                    "dtype": a.dtype,
+                    "auxk_all_dead": a.auxk_all_dead,
+                    "threads": a.threads,
+                    "steps": a.steps,
+                    "warmup": a.warmup,
+                    "torch": torch.__version__,
+                },
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
