@@ -36,12 +36,9 @@ class RunDirs:
 
 def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
     """Run the configured stages; returns the held-out metrics per layer (empty if not evaluated)."""
-    single = [s.value for s in cfg.stages if s is not Stage.cache]
-    if accelerator.num_processes > 1 and single:
-        raise ConfigError(
-            f"stages {single} run as a single process for now (got {accelerator.num_processes}); "
-            "launch several processes for stages=[cache] only (multi-process training is tracked in the trainer issue)"
-        )
+    world = accelerator.num_processes
+    if world > 1 and Stage.fit in cfg.stages and cfg.trainer.batch_size % world:
+        raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must divide evenly over {world} processes")
     dirs = RunDirs(Path(cfg.run_dir))
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
     device = accelerator.device
@@ -50,11 +47,14 @@ def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
         if Stage.cache in cfg.stages:
             cache_stage(cfg, dirs, accelerator, tracker)
         if Stage.fit in cfg.stages:
-            fit_stage(cfg, dirs, device, tracker)
-        if Stage.evaluate in cfg.stages:
+            fit_stage(cfg, dirs, accelerator, tracker)
+        accelerator.wait_for_everyone()
+        # held-out evaluation and export are small: the main process does them alone
+        if Stage.evaluate in cfg.stages and accelerator.is_main_process:
             metrics = evaluate_stage(cfg, dirs, device, tracker)
-        if Stage.export in cfg.stages:
+        if Stage.export in cfg.stages and accelerator.is_main_process:
             export_stage(cfg, dirs)
+        accelerator.wait_for_everyone()
     finally:
         tracker.close()
     if metrics:
@@ -116,12 +116,16 @@ def _manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
     return manifest
 
 
-def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
-    t = cfg.trainer
+def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[int, dict]:
+    """Data parallel over the launched processes: rank r reads its own shards (or live chunks) and
+    batch_size / world rows per step; gradients and dead-latent counts are summed over ranks."""
+    t, device = cfg.trainer, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    local_batch = t.batch_size // world
     if cfg.data.source is ActivationSource.live:
         lm = load_lm(cfg.model, device)
         d_model, model_name = lm.d_model, lm.name
-        batches = live_batches(lm, cfg.layers, t.batch_size, cfg.data, t.seed, device)
+        batches = live_batches(lm, cfg.layers, local_batch, cfg.data, t.seed, device, rank=rank, world=world)
         steps = t.max_steps or max(1, cfg.data.train_tokens // t.batch_size)
     else:
         manifest = _manifest(cfg, dirs)
@@ -133,7 +137,9 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
                 f"(trainer.batch_size={t.batch_size}): cache more tokens (data.train_tokens) or lower the batch size"
             )
         steps = t.max_steps or max(1, rows // t.batch_size)
-        batches = cached_batches(dirs.cache, manifest, cfg.layers, t.batch_size, cfg.data, t.seed)
+        batches = cached_batches(
+            dirs.cache, manifest, cfg.layers, local_batch, cfg.data, t.seed, rank=rank, world=world
+        )
     saes = initial_saes(cfg, d_model)
     fingerprint = {
         "layers": list(cfg.layers),
@@ -159,6 +165,8 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[i
         checkpoints=ckpts,
     )
 
+    if not accelerator.is_main_process:
+        return summary
     for n, sae in saes.items():
         release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
         release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))

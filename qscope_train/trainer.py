@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import Activation, TrainerConfig
 from .errors import InputError, QScopeError
 from .fsutil import atomic_write_bytes, atomic_write_json
@@ -54,7 +55,7 @@ class NonFiniteLossError(QScopeError, FloatingPointError):
     """The loss became NaN or inf."""
 
 
-def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int) -> Tensor:
+def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int, reduce=None) -> Tensor:
     """AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the detached residual x - x_hat.
 
     Its gradient reaches W_dec (dead rows) and, through the sparse gather, W_enc and b_enc.
@@ -67,37 +68,47 @@ def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int) -> Te
         idx_BA = dead_idx[pre.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False).indices]
     vals_BA = sae.code_with_grad(x_BD, out.pre_BF, idx_BA)
     e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False)
-    return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD)
+    return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD, reduce)
 
 
 def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str, float]:
+    """One optimizer step on this rank's rows; with several ranks, on the global batch (data parallel)."""
     sae = state.sae
     x_BD = x_BD.float()
+    reduce = distributed.sum_ if distributed.active() else None
     out = sae(x_BD, gemm_dtype=TORCH_DTYPES[cfg.encoder_dtype])
-    main = fvu(x_BD, out.x_hat_BD)
+    main = fvu(x_BD, out.x_hat_BD, reduce)
     loss, aux = main, None
-    dead_F = state.since_fired_F >= cfg.dead_after_tokens
+    dead_F = state.since_fired_F >= cfg.dead_after_tokens  # identical on every rank
     if cfg.auxk_coef > 0 and bool(dead_F.any()):
-        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2)
+        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, reduce)
         loss = main + cfg.auxk_coef * aux
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()}")
+    total = distributed.sum_(loss.detach().clone())
+    if not torch.isfinite(total):
+        raise NonFiniteLossError(f"loss is {total.item()}")
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
+    if reduce is not None:
+        for p in sae.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            distributed.sum_(p.grad)
     sae.remove_parallel_grad_()
     lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
     state.opt.step()
     state.sched.step()
     sae.unit_norm_decoder_()
     with torch.no_grad():
-        fired_F = out.code.fire_counts(sae.d_sae) > 0
-        state.since_fired_F += x_BD.shape[0]
+        fired_F = distributed.any_(out.code.fire_counts(sae.d_sae) > 0)
+        rows = x_BD.shape[0] * distributed.world()
+        state.since_fired_F += rows
         state.since_fired_F[fired_F] = 0
         l0 = float((out.code.vals_BK != 0).sum(-1).float().mean())
-    state.tokens += x_BD.shape[0]
-    value = main.item()
+    state.tokens += rows
+    value = distributed.sum_(main.detach().clone()).item()
     state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
-    return {"fvu": value, "auxk": aux.item() if aux is not None else 0.0, "l0": l0, "lr": lr}
+    aux_value = distributed.sum_(aux.detach().clone()).item() if aux is not None else 0.0
+    return {"fvu": value, "auxk": aux_value, "l0": l0, "lr": lr}
 
 
 def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.device | str) -> LayerState:
@@ -154,7 +165,8 @@ def _state_payload(states: dict[int, LayerState], reader) -> dict:
         }
         for n, s in states.items()
     }
-    return {"layers": layers, "reader": reader.state_dict() if hasattr(reader, "state_dict") else None}
+    reader_state = reader.state_dict() if hasattr(reader, "state_dict") else None
+    return {"layers": layers, "readers": distributed.gather(reader_state)}  # one per rank, in rank order
 
 
 def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
@@ -165,8 +177,11 @@ def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
         s.sched.load_state_dict(saved["sched"])
         s.since_fired_F.copy_(saved["since_fired"])
         s.tokens, s.fvu_ema = saved["tokens"], saved["fvu_ema"]
-    if ckpt["reader"] is not None and hasattr(reader, "load_state_dict"):
-        reader.load_state_dict(ckpt["reader"])
+    readers = ckpt["readers"]
+    if len(readers) != distributed.world():
+        raise InputError(f"the checkpoint was written by {len(readers)} processes, this run has {distributed.world()}")
+    if readers[distributed.rank()] is not None and hasattr(reader, "load_state_dict"):
+        reader.load_state_dict(readers[distributed.rank()])
     else:
         print("resume: this activation source cannot seek, so its stream starts again from the beginning")
 
@@ -199,7 +214,9 @@ def fit(
         first = next(it)
         with torch.no_grad():
             for n, state in states.items():
-                state.sae.b_dec.copy_(first[n].to(device).float().mean(0))
+                x = first[n].to(device).float()
+                stats = distributed.sum_(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+                state.sae.b_dec.copy_(stats[:-1] / stats[-1])  # the global batch's mean
         it = itertools.chain([first], it)
 
     with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
@@ -220,7 +237,9 @@ def fit(
                 worst = max(metrics.values(), key=lambda m: m["fvu"])
                 bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
             if checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total_steps:
-                checkpoints.save(step, _state_payload(states, batches))
+                payload = _state_payload(states, batches)
+                if distributed.rank() == 0:
+                    checkpoints.save(step, payload)
             bar.update(1)
     return {
         n: {

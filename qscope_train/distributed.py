@@ -1,0 +1,46 @@
+"""Data-parallel helpers over torch.distributed (gloo on CPUs, nccl on GPUs); no-ops for one process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def sum_(t: Tensor) -> Tensor:
+    """All-reduce (sum) in place; returns t."""
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def any_(mask: Tensor) -> Tensor:
+    """Element-wise OR of a bool tensor over ranks."""
+    if not active():
+        return mask
+    as_int = mask.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's obj, in rank order (picklable objects; on every rank)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

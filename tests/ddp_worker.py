@@ -1,0 +1,59 @@
+"""Trains one small SAE on fixed global batches, as one process or as one rank of several (gloo).
+
+Usage: python ddp_worker.py OUT   or   torchrun --nproc_per_node 2 ddp_worker.py OUT
+Rank r trains on rows [r*B/w, (r+1)*B/w) of every global batch; rank 0 saves the weights and logs.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from qscope_train.config import TrainerConfig
+from qscope_train.sae import TopKSAE
+from qscope_train.trainer import fit
+
+B, D, F, K, STEPS = 64, 16, 128, 8, 12
+
+
+class Bar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    g = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(40, D, generator=g), dim=-1)
+    batches = []
+    for _ in range(STEPS):
+        codes = torch.rand(B, 40, generator=g) * (torch.rand(B, 40, generator=g) < 0.1)
+        x = codes @ directions + 0.3
+        batches.append({0: x[rank * B // world : (rank + 1) * B // world]})
+    sae = TopKSAE(D, F, K)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    # a short dead window, so that AuxK is active in most steps
+    cfg = TrainerConfig(batch_size=B, lr=1e-2, warmup_steps=2, dead_after_tokens=2 * B, log_every=1)
+    logs = []
+    fit({0: sae}, iter(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), lambda **k: Bar())
+    if rank == 0:
+        torch.save({"state": sae.state_dict(), "logs": logs}, out)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

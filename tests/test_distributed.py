@@ -1,0 +1,82 @@
+"""Data-parallel training on 2 CPU processes (gloo) equals single-process training on the same global batches."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def _run(args, tmp_path, name):
+    out = tmp_path / f"{name}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([*args, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_two_process_data_parallel_equals_one_process(tmp_path):
+    single = _run([sys.executable], tmp_path, "single")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    ddp = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29541"], tmp_path, "ddp")
+    assert sum(m["auxk"] > 0 for m in single["logs"]) >= 5  # AuxK really ran
+    for a, b in zip(single["logs"], ddp["logs"], strict=True):
+        assert abs(a["fvu"] - b["fvu"]) < 1e-4 and abs(a["auxk"] - b["auxk"]) < 1e-4
+        assert a["dead_frac"] == b["dead_frac"]
+    for name, want in single["state"].items():
+        torch.testing.assert_close(ddp["state"][name], want, rtol=1e-4, atol=1e-5, msg=name)
+    # and the weights did move away from the shared initialisation
+    assert single["logs"][-1]["fvu"] < single["logs"][0]["fvu"]
+
+
+def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(fixtures_dir, tmp_path):
+    import json
+
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    common = [
+        "experiment=demo",
+        f"run_dir={tmp_path}",
+        "data.train_tokens=32768",
+        "data.eval_tokens=4096",
+        "data.shard_tokens=2048",
+        "trainer.batch_size=512",
+        "trainer.max_steps=20",
+    ]
+    exe = str(Path(sys.executable).with_name("qscope-train"))
+    subprocess.run([exe, *common, "stages=[cache]"], env=env, check=True, capture_output=True, timeout=300)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    res = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29547",
+            "-m",
+            "qscope_train.cli",
+            *common,
+            "stages=[fit,evaluate,export]",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["layers"]
+    assert set(metrics) == {"1", "2"} and all(m["fvu"] < 1.5 for m in metrics.values())
+    side = json.loads((tmp_path / "export" / "layer1.json").read_text())
+    assert side["train"]["tokens_trained"] == 20 * 512  # global batch: 2 ranks × 256 rows
+    assert res.stdout.count("layer      FVU") == 1  # only the main process reports
+
+
+def test_accelerate_launch_profiles_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    profiles = sorted((Path(__file__).parents[1] / "scripts" / "accelerate").glob("*.yaml"))
+    assert [p.stem for p in profiles] == ["multi_gpu", "multi_node", "single_gpu"]
+    procs = {p.stem: load_config_from_file(str(p)).num_processes for p in profiles}
+    assert procs == {"multi_gpu": 8, "multi_node": 16, "single_gpu": 1}
