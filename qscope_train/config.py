@@ -203,6 +203,12 @@ class TrainerConfig:
     """Stop after this many steps; None means one pass over the cached training split."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired for this many tokens counts as dead."""
+    grad_clip: Optional[float] = None
+    """Clip each SAE's gradient to this global L2 norm; None: no clipping."""
+    k_start: Optional[int] = None
+    """Anneal k from this larger value down to sae.k over k_anneal_steps; None: fixed k."""
+    k_anneal_steps: int = 0
+    """Steps over which k decreases linearly from k_start to sae.k."""
     encoder_dtype: DType = DType.float32
     """Dtype of the dense encoder GEMM (bfloat16 pays off on GPUs and AVX512-BF16 CPUs); weights stay fp32."""
     auxk_coef: float = 1 / 32
@@ -225,6 +231,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.lr must be positive, got {self.lr}")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"trainer.grad_clip must be positive, got {self.grad_clip}")
+        if self.k_start is not None and self.k_anneal_steps <= 0:
+            raise ConfigError("trainer.k_start needs trainer.k_anneal_steps > 0")
         if self.auxk_coef < 0:
             raise ConfigError(f"trainer.auxk_coef must be >= 0, got {self.auxk_coef}")
         if self.max_steps is not None and self.max_steps <= 0:

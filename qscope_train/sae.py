@@ -185,10 +185,11 @@ class TopKSAE(nn.Module):
         vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, idx_BM)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
-    def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None) -> ForwardOutput:
+    def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> ForwardOutput:
         """Training forward: dense pre-activations without autograd, sparse gradients for the top k.
 
         gemm_dtype (e.g. bfloat16) runs the dense encoder GEMM in that dtype; weights stay fp32.
+        k overrides self.k for this call (k annealing).
         """
         x_BD = x_BD.to(self.W_enc.dtype)
         with torch.no_grad():
@@ -196,7 +197,7 @@ class TopKSAE(nn.Module):
                 pre_BF = torch.addmm(self.b_enc, x_BD, self.W_enc.T)  # bias fused into the GEMM
             else:
                 pre_BF = (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + self.b_enc
-            idx_BK = self.select(pre_BF).idx_BK
+            idx_BK = self.select(pre_BF, k).idx_BK
         vals_BK = self.code_with_grad(x_BD, pre_BF, idx_BK)
         code = SparseCode(vals_BK, idx_BK)
         return ForwardOutput(self.decode_sparse(code), code, pre_BF)

@@ -71,12 +71,19 @@ def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int, reduc
     return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD, reduce)
 
 
-def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str, float]:
+def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
+    """k annealed linearly from cfg.k_start to k over cfg.k_anneal_steps steps (k itself without k_start)."""
+    if cfg.k_start is None or step >= cfg.k_anneal_steps:
+        return k
+    return round(cfg.k_start + (k - cfg.k_start) * step / cfg.k_anneal_steps)
+
+
+def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 0) -> dict[str, float]:
     """One optimizer step on this rank's rows; with several ranks, on the global batch (data parallel)."""
     sae = state.sae
     x_BD = x_BD.float()
     reduce = distributed.sum_ if distributed.active() else None
-    out = sae(x_BD, gemm_dtype=TORCH_DTYPES[cfg.encoder_dtype])
+    out = sae(x_BD, gemm_dtype=TORCH_DTYPES[cfg.encoder_dtype], k=k_at(step, sae.k, cfg))
     main = fvu(x_BD, out.x_hat_BD, reduce)
     loss, aux = main, None
     dead_F = state.since_fired_F >= cfg.dead_after_tokens  # identical on every rank
@@ -93,6 +100,8 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig) -> dict[str,
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             distributed.sum_(p.grad)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     sae.remove_parallel_grad_()
     lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
     state.opt.step()
@@ -224,7 +233,7 @@ def fit(
             metrics = {}
             for n, state in states.items():
                 try:
-                    m = train_step(state, batch[n].to(device, non_blocking=True), cfg)
+                    m = train_step(state, batch[n].to(device, non_blocking=True), cfg, step)
                 except NonFiniteLossError as e:
                     kept = f"; the last good checkpoint is in {checkpoints.dir}" if checkpoints else ""
                     raise NonFiniteLossError(

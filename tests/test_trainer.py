@@ -149,3 +149,28 @@ def test_learning_rate_schedule_and_default():
     f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
     assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
+
+
+def test_k_anneals_from_k_start_to_k():
+    x = _sparse_data()
+    sae = TopKSAE(32, 256, 8)
+    cfg = TrainerConfig(batch_size=128, lr=1e-3, warmup_steps=0, k_start=32, k_anneal_steps=10, log_every=1)
+    logs = []
+    fit({0: sae}, _batches(x, 128), cfg, 14, "cpu", lambda s, m: logs.append(m[0]["l0"]), lambda **k: _Bar())
+    assert logs[0] == 32 and logs[5] == 20 and logs[10:] == [8, 8, 8, 8]
+
+
+def test_gradient_clipping_bounds_the_step():
+    from qscope_train.trainer import new_state, train_step
+
+    x = _sparse_data() * 1000  # huge gradients
+    steps = {}
+    for clip in (None, 1e-3):
+        sae = TopKSAE(32, 256, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(0))
+        cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, grad_clip=clip, auxk_coef=0)
+        state = new_state(sae, cfg, 10, "cpu")
+        train_step(state, x[:256], cfg)
+        norms = torch.cat([p.grad.flatten() for p in sae.parameters()]).norm()
+        steps[clip] = norms.item()
+    assert steps[1e-3] <= 1e-3 * 1.0001 < steps[None]
