@@ -116,6 +116,7 @@ def forward_chunk(
     cfg: DataConfig,
     filt: ActivationFilter,
     device: torch.device | str,
+    out_device: torch.device | str | None = None,
 ) -> ChunkRows:
     """Truncated forwards over one chunk of sequences; filtered rows per layer, in the cache dtype."""
     dtype = STORE_DTYPES[cfg.cache_dtype.value]
@@ -135,13 +136,13 @@ def forward_chunk(
             c.dropped_outlier = int((~ok).sum())
             c.kept = int(ok.sum())
             counts[n].add(c)
-            rows[n].append(x_ND[ok].to(dtype))
-            pos[n].append(flat_pos[ok].to(torch.int32))
+            rows[n].append(x_ND[ok].to(dtype).to(out_device or x_ND.device))
+            pos[n].append(flat_pos[ok].to(torch.int32).to(out_device or x_ND.device))
         offset += ids_BT.numel()
     return ChunkRows(
         {n: torch.cat(r) for n, r in rows.items()},
         {n: torch.cat(p) for n, p in pos.items()},
-        torch.stack([s.input_ids for s in seqs]),
+        torch.stack([s.input_ids for s in seqs]).to(out_device or "cpu"),
         counts,
         seqs[-1].state,
     )
@@ -156,4 +157,4 @@ def chunked(seqs: Iterator[TokSeq], size: int) -> Iterator[list[TokSeq]]:
 
 
 def make_filter(lm: LoadedLM, cfg: DataConfig, medians: dict[int, RunningMedian] | None = None) -> ActivationFilter:
-    return ActivationFilter(cfg, special_token_ids(lm.tokenizer), medians or {})
+    return ActivationFilter(cfg, special_token_ids(lm.tokenizer), medians if medians is not None else {})

@@ -37,7 +37,9 @@ def codec_for(cfg: DataConfig) -> Codec:
     return Codec(cfg.cache_dtype.value, cfg.byte_split, cfg.zstd_level)
 
 
-def fingerprint(model: str, revision: str | None, layers: Sequence[int], cfg: DataConfig, world: int) -> dict:
+def fingerprint(
+    model: str, revision: str | None, layers: Sequence[int], cfg: DataConfig, world: int, dtype: str = "float32"
+) -> dict:
     """Everything that decides the cached bytes; a cache is reused or resumed only when this matches."""
     reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt"}
     data = {k: v for k, v in to_plain(cfg).items() if k not in reader_only}
@@ -45,6 +47,7 @@ def fingerprint(model: str, revision: str | None, layers: Sequence[int], cfg: Da
         "format": CACHE_FORMAT,
         "model": model,
         "revision": revision,
+        "model_dtype": dtype,
         "layers": sorted(layers),
         "data": data,
         "world": world,
@@ -70,6 +73,17 @@ class _Progress:
         self.state_file = root / "progress" / f"rank{rank}.state.json"
         self.fp = fp
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._cut_torn_line()
+
+    def _cut_torn_line(self) -> None:
+        """A kill during an append can leave half a line; cut it so the next record starts on its own line."""
+        if not self.log.is_file():
+            return
+        data = self.log.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep != len(data):
+            with open(self.log, "r+b") as f:
+                f.truncate(keep)
 
     def load(self) -> dict | None:
         if not self.state_file.is_file():
@@ -169,7 +183,8 @@ def build_cache(
     barrier: Callable[[], None] = lambda: None,
 ) -> dict:
     """Write (or finish) the cache under root and return its manifest."""
-    fp = fingerprint(lm.name, revision, layer_ids, cfg, world)
+    model_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    fp = fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype)
     if (root / shards.MANIFEST).is_file():
         old = shards.read_manifest(root)
         if old.get("fingerprint") == fp:
@@ -194,7 +209,7 @@ def build_cache(
                 if c % world != rank:
                     continue
                 split = split_of(c, chunks)
-                chunk = forward_chunk(lm, layer_ids, seqs, cfg, filters[split], device)
+                chunk = forward_chunk(lm, layer_ids, seqs, cfg, filters[split], device, out_device="cpu")
                 state = {
                     "next_chunk": c + 1,
                     "stream": list(chunk.state),
@@ -221,7 +236,11 @@ def merge(root: Path, lm: LoadedLM, layer_ids, cfg: DataConfig, fp: dict, world:
         state = p.load()
         if not state or not state.get("finished"):
             raise RuntimeError(f"rank {r} has not finished its part of the cache under {root}")
-        entries.update(p.entries(state["next_chunk"]))
+        mine = p.entries(state["next_chunk"])
+        expected = set(range(r, state["next_chunk"], world))
+        if not expected <= set(mine):
+            raise RuntimeError(f"rank {r}'s progress log under {root} lacks chunks {sorted(expected - set(mine))[:10]}")
+        entries.update(mine)
     splits = {}
     for split in SPLITS:
         mine = [entries[c] for c in sorted(entries) if entries[c]["split"] == split]

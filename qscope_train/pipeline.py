@@ -130,6 +130,12 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
     else:
         manifest = _manifest(cfg, dirs)
         d_model, model_name = manifest["d_model"], manifest["model"]
+        few = [n for n in cfg.layers if len(manifest["splits"]["train"]["layers"][str(n)]["shards"]) < world]
+        if few:
+            raise InputError(
+                f"layers {few} have fewer training shards than the {world} processes: cache more tokens "
+                "(data.train_tokens) or smaller shards (data.shard_tokens), or launch fewer processes"
+            )
         rows = min(manifest["splits"]["train"]["layers"][str(n)]["rows"] for n in cfg.layers)
         if rows < t.batch_size:
             raise InputError(
@@ -141,6 +147,8 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
             dirs.cache, manifest, cfg.layers, local_batch, cfg.data, t.seed, rank=rank, world=world
         )
     saes = initial_saes(cfg, d_model)
+    if t.k_start is not None and not saes[cfg.layers[0]].k < t.k_start <= saes[cfg.layers[0]].d_sae:
+        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[cfg.layers[0]].k}) and d_sae")
     fingerprint = {
         "layers": list(cfg.layers),
         "sae": to_plain(cfg.sae),
@@ -151,6 +159,9 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
         "model": cfg.model.name_or_path,
         "init_from": cfg.init_from,
         "source": cfg.data.source.value,
+        "reader": {"shuffle_buffer_tokens": cfg.data.shuffle_buffer_tokens, "shuffle_shards": cfg.data.shuffle_shards},
+        "cache": None if cfg.data.source is ActivationSource.live else manifest["fingerprint"],
+        "world": world,
     }
     ckpts = Checkpoints(dirs.fit / "checkpoints", t.checkpoint_every, t.keep_checkpoints, fingerprint)
     summary = fit(

@@ -93,6 +93,10 @@ class ShuffledBatches:
             self.state = {"pos": pos, "fill": fill, "batch": 0, "carry": carry}
 
 
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()
+
+
 def _gather(parts: list[Tensor], idx: Tensor) -> Tensor:
     """Rows idx of the blocks laid end to end along dim 1, without concatenating the blocks.
 
@@ -174,10 +178,11 @@ class CachedBlocks:
 
 
 class LayerBatches:
-    """{layer: batch} dicts from one ShuffledBatches per layer; state_dict() covers all of them."""
+    """{layer: batch} dicts from one ShuffledBatches per layer; state_dict() covers all of them
+    (None when the source cannot seek, as live mode cannot)."""
 
-    def __init__(self, buffers: dict[int, ShuffledBatches]) -> None:
-        self.buffers = buffers
+    def __init__(self, buffers: dict[int, ShuffledBatches], seekable: bool = True) -> None:
+        self.buffers, self.seekable = buffers, seekable
 
     def __iter__(self) -> Iterator[dict[int, Tensor]]:
         its = {n: iter(b) for n, b in self.buffers.items()}
@@ -187,8 +192,10 @@ class LayerBatches:
             except StopIteration:
                 return
 
-    def state_dict(self) -> dict:
-        return {str(n): b.state_dict() for n, b in self.buffers.items()}
+    def state_dict(self) -> dict | None:
+        if not self.seekable:
+            return None
+        return {str(n): {**b.state_dict(), "carry": _cpu(b.state_dict()["carry"])} for n, b in self.buffers.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for n, b in self.buffers.items():
@@ -314,4 +321,4 @@ def live_batches(
         )
         for n in layers
     }
-    return LayerBatches(buffers)
+    return LayerBatches(buffers, seekable=False)

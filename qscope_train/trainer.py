@@ -6,7 +6,6 @@ Adam step, renormalise decoder columns, update the tokens-since-fired counters.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ from torch import Tensor
 from . import distributed
 from .config import Activation, TrainerConfig
 from .errors import InputError, QScopeError
-from .fsutil import atomic_write_bytes, atomic_write_json
+from .fsutil import atomic_write, atomic_write_json
 from .lm import TORCH_DTYPES
 from .losses import fvu
 from .sae import SparseCode, TopKSAE
@@ -105,6 +104,7 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 
     sae.remove_parallel_grad_()
     lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
     state.opt.step()
+    state.opt.zero_grad(set_to_none=True)  # free this layer's gradients before the next layer's step
     state.sched.step()
     sae.unit_norm_decoder_()
     with torch.no_grad():
@@ -144,7 +144,7 @@ class Checkpoints:
         files = self._files()
         if not files:
             return None
-        ckpt = torch.load(files[-1], map_location="cpu", weights_only=True)
+        ckpt = torch.load(files[-1], map_location="cpu", weights_only=True, mmap=True)
         if ckpt["fingerprint"] != self.fingerprint:
             raise InputError(
                 f"{files[-1]} was written by a run with other settings; delete {self.dir} to start over "
@@ -153,9 +153,8 @@ class Checkpoints:
         return ckpt
 
     def save(self, step: int, payload: dict) -> Path:
-        buf = io.BytesIO()
-        torch.save({"fingerprint": self.fingerprint, "step": step, **payload}, buf)
-        path = atomic_write_bytes(self.dir / f"step-{step:09d}.pt", buf.getvalue())
+        payload = {"fingerprint": self.fingerprint, "step": step, **payload}
+        path = atomic_write(self.dir / f"step-{step:09d}.pt", lambda f: torch.save(payload, f))
         atomic_write_json(self.dir / "latest.json", {"step": step, "file": path.name})
         for old in self._files()[: -self.keep]:
             old.unlink()

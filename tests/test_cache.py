@@ -115,17 +115,43 @@ def test_cached_reader_resumes_exactly(cached):
     assert not torch.equal(got[0][1], rest[-1][1])
 
 
-def test_reader_batches_are_shuffled_across_shards(cached):
+def _train_rows(root, m, layer="1"):
+    recs = m["splits"]["train"]["layers"][layer]["shards"]
+    return [shards.read_shard(root, shards.ShardRecord(**s), 64, Codec(**m["codec"]), torch.float32) for s in recs]
+
+
+def test_reader_batches_mix_rows_of_several_shards(cached):
     cfg, root, m = cached
-    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=8000)
-    batch = next(iter(cached_batches(root, m, [1], 4000, data, seed=0)))[1]
-    ordered = torch.cat(
-        [
-            shards.read_shard(root, shards.ShardRecord(**s), 64, Codec(**m["codec"]), torch.float32)
-            for s in m["splits"]["train"]["layers"]["1"]["shards"]
-        ]
-    )
-    assert not torch.equal(batch, ordered[:4000])
+    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=8000, shuffle_shards=False)
+    batch = next(iter(cached_batches(root, m, [1], 1000, data, seed=0)))[1]
+    per_shard = _train_rows(root, m)
+    owner = [next(i for i, s in enumerate(per_shard) if (s == row).all(1).any()) for row in batch]
+    assert len(set(owner)) >= 3  # the buffer mixes shards, not only their order
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_split(cached):
+    cfg, root, m = cached
+    rows = [
+        torch.cat([b[1] for b in cached_batches(root, m, [1], 256, cfg.data, seed=0, rank=r, world=2, epochs=1)])
+        for r in (0, 1)
+    ]
+    allrows = torch.cat(_train_rows(root, m))
+    assert rows[0].shape[0] + rows[1].shape[0] == allrows.shape[0]
+    assert sorted(map(tuple, torch.cat(rows).tolist())) == sorted(map(tuple, allrows.tolist()))
+    recs = m["splits"]["train"]["layers"]["1"]["shards"]
+    assert [rows[r].shape[0] for r in (0, 1)] == [sum(s["rows"] for s in recs[r::2]) for r in (0, 1)]
+
+
+def test_a_torn_progress_line_is_cut_before_the_next_record(tmp_path):
+    from qscope_train.cache import _Progress
+
+    p = _Progress(tmp_path, 0, {"fp": 1})
+    p.commit({"chunk": 0}, {"next_chunk": 1, "stream": [0, 0], "medians": {}})
+    with open(p.log, "a") as f:
+        f.write('{"chunk": 1, "spl')  # killed mid-append
+    p = _Progress(tmp_path, 0, {"fp": 1})
+    p.commit({"chunk": 1}, {"next_chunk": 2, "stream": [0, 0], "medians": {}})
+    assert sorted(p.entries(2)) == [0, 1]
 
 
 def _copy(root, tmp_path):
@@ -170,7 +196,16 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _cli(run_dir, *extra):
     exe = Path(sys.executable).with_name("qscope-train")
-    return [str(exe), "experiment=demo", f"run_dir={run_dir}", *CACHE, "data.train_tokens=65536", *extra]
+    # a low outlier factor makes the running medians matter, so resuming must restore them exactly
+    return [
+        str(exe),
+        "experiment=demo",
+        f"run_dir={run_dir}",
+        *CACHE,
+        "data.train_tokens=65536",
+        "data.outlier_norm_factor=1.15",
+        *extra,
+    ]
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fixtures_dir, tmp_path):
@@ -189,6 +224,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fixtures_dir, tmp_path)
         assert not (crashed / "cache" / "manifest.json").exists()
     subprocess.run(_cli(crashed), env=env, check=True, capture_output=True, timeout=300)
     a, b = (json.loads((d / "cache" / "manifest.json").read_text()) for d in (ref, crashed))
+    assert a["splits"]["train"]["layers"]["1"]["filters"]["dropped_outlier"] > 100
     assert a == b
     assert _files(ref / "cache") == _files(crashed / "cache")
 

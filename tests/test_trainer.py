@@ -129,9 +129,9 @@ def test_latents_that_never_fire_are_counted_dead():
     sae = TopKSAE(32, 256, 8)
     with torch.no_grad():
         sae.b_enc[:64] = -1e4  # these can never be among the top 8
-    cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, dead_after_tokens=2048, log_every=100)
+    cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, dead_after_tokens=2048, log_every=100, auxk_coef=0)
     summary = fit({0: sae}, _batches(x, 256), cfg, 20, "cpu", lambda s, m: None, lambda **k: _Bar())
-    assert summary[0]["dead_frac"] >= 64 / 256
+    assert 64 / 256 <= summary[0]["dead_frac"] < 0.6  # the 64 blocked ones, not everything
 
 
 def test_non_finite_loss_stops_with_layer_and_step():
@@ -160,6 +160,18 @@ def test_k_anneals_from_k_start_to_k():
     assert logs[0] == 32 and logs[5] == 20 and logs[10:] == [8, 8, 8, 8]
 
 
+def _record_grad_norm(state) -> list:
+    """Wrap the optimizer step to record the gradient norm it is given (gradients are freed after it)."""
+    seen, original = [], state.opt.step
+
+    def step():
+        seen.append(torch.cat([p.grad.flatten() for p in state.sae.parameters()]).norm())
+        original()
+
+    state.opt.step = step
+    return seen
+
+
 def test_gradient_clipping_bounds_the_step():
     from qscope_train.trainer import new_state, train_step
 
@@ -170,7 +182,7 @@ def test_gradient_clipping_bounds_the_step():
         sae.init_weights_(generator=torch.Generator().manual_seed(0))
         cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, grad_clip=clip, auxk_coef=0)
         state = new_state(sae, cfg, 10, "cpu")
+        seen = _record_grad_norm(state)
         train_step(state, x[:256], cfg)
-        norms = torch.cat([p.grad.flatten() for p in sae.parameters()]).norm()
-        steps[clip] = norms.item()
+        steps[clip] = seen[0].item()
     assert steps[1e-3] <= 1e-3 * 1.0001 < steps[None]
