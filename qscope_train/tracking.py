@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,7 +65,7 @@ class Tracker:
 
     def progress(self, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0):
         if not self.is_main:
-            return nullcontext(_NullBar())
+            return NullBar()
         return tqdm(
             total=total,
             desc=desc,
@@ -84,7 +83,21 @@ class Tracker:
             self._wandb = None
 
 
-class _NullBar:
+class NullBar:
+    """A progress bar that shows nothing: for ranks other than the main one, scripts and tests.
+
+    Use the class itself where a `progress(total=..., desc=..., unit=...)` callable is expected.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> NullBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
     def update(self, n: int = 1) -> None:
         pass
 

@@ -78,23 +78,6 @@ def time_forward(lm, cfg) -> float:
     return n / (time.perf_counter() - start)
 
 
-class NoBar:
-    def __init__(self, **kw):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-
 def scaled_cache(src: Path, manifest: dict, dst: Path, copies: int) -> Path:
     """A cache of `copies` × the real one's train rows per layer, in the same format and codec."""
     from qscope_train import shards
@@ -166,6 +149,7 @@ def main() -> None:
     from qscope_train.cache import build_cache
     from qscope_train.config import ModelConfig
     from qscope_train.lm import load_lm
+    from qscope_train.tracking import NullBar
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +159,7 @@ def main() -> None:
         cfg = data_config(tmp / "fixtures" / "corpus.jsonl", args.tokens)
         forward = time_forward(lm, cfg)
         start = time.perf_counter()
-        manifest = build_cache(lm, LAYERS, cfg, tmp / "cache", "cpu", NoBar)
+        manifest = build_cache(lm, LAYERS, cfg, tmp / "cache", "cpu", NullBar)
         cache_rate = (cfg.train_tokens + cfg.eval_tokens) / (time.perf_counter() - start)
         rows = sum(lay["rows"] for sp in manifest["splits"].values() for lay in sp["layers"].values())
         out = {

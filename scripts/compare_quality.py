@@ -21,26 +21,9 @@ from pathlib import Path
 
 import torch
 
+from qscope_train.tracking import NullBar
+
 D_SAE, K, BATCH = 1024, 16, 1024
-
-
-class _Bar:
-    """A silent stand-in for the progress bar."""
-
-    def __init__(self, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kwargs):
-        pass
 
 
 def score(x_hat_fn, x: torch.Tensor, fired_fn) -> dict:
@@ -97,7 +80,7 @@ def run_ours(train: torch.Tensor, held: torch.Tensor, lr: float | None = None) -
     sae = TopKSAE(train.shape[1], D_SAE, K)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     cfg = TrainerConfig(batch_size=BATCH, warmup_steps=20, checkpoint_every=0, lr=lr)
-    fit({0: sae}, iter(batches), cfg, len(batches), "cpu", lambda s, m: None, _Bar)
+    fit({0: sae}, iter(batches), cfg, len(batches), "cpu", lambda s, m: None, NullBar)
     with torch.no_grad():
         return score(lambda xb: sae(xb).x_hat_BD, held, lambda xb: sae.encode_sparse(xb).fire_counts(D_SAE) > 0)
 
@@ -119,7 +102,7 @@ def tiny_model_rows(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         shard_tokens=32768,
         cache_dtype=DType.float32,
     )
-    m = build_cache(lm, [2], cfg, root / "cache", "cpu", _Bar)
+    m = build_cache(lm, [2], cfg, root / "cache", "cpu", NullBar)
     codec = shards.Codec(**m["codec"])
 
     def rows(split):

@@ -6,6 +6,7 @@ import torch
 from qscope_train.config import TrainerConfig
 from qscope_train.losses import fvu
 from qscope_train.sae import TopKSAE
+from qscope_train.tracking import NullBar
 from qscope_train.trainer import NonFiniteLossError, auxk_loss, default_lr, fit, lr_factor
 
 
@@ -94,20 +95,6 @@ def _batches(x, batch, seed=0):
         yield {0: x[torch.randint(0, x.shape[0], (batch,), generator=g)]}
 
 
-class _Bar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-
 def test_fifty_steps_lower_fvu_and_keep_decoder_columns_unit_norm():
     x = _sparse_data()
     sae = TopKSAE(32, 256, 8)
@@ -115,7 +102,7 @@ def test_fifty_steps_lower_fvu_and_keep_decoder_columns_unit_norm():
     before = fvu(x, sae(x).x_hat_BD).item()
     logs = []
     cfg = TrainerConfig(batch_size=256, lr=3e-3, warmup_steps=5, log_every=10)
-    summary = fit({0: sae}, _batches(x, 256), cfg, 50, "cpu", lambda s, m: logs.append((s, m)), lambda **k: _Bar())
+    summary = fit({0: sae}, _batches(x, 256), cfg, 50, "cpu", lambda s, m: logs.append((s, m)), NullBar)
     after = fvu(x, sae(x).x_hat_BD).item()
     assert after < 0.5 * before, (before, after)
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(256))
@@ -130,7 +117,7 @@ def test_latents_that_never_fire_are_counted_dead():
     with torch.no_grad():
         sae.b_enc[:64] = -1e4  # these can never be among the top 8
     cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, dead_after_tokens=2048, log_every=100, auxk_coef=0)
-    summary = fit({0: sae}, _batches(x, 256), cfg, 20, "cpu", lambda s, m: None, lambda **k: _Bar())
+    summary = fit({0: sae}, _batches(x, 256), cfg, 20, "cpu", lambda s, m: None, NullBar)
     assert 64 / 256 <= summary[0]["dead_frac"] < 0.6  # the 64 blocked ones, not everything
 
 
@@ -138,9 +125,7 @@ def test_non_finite_loss_stops_with_layer_and_step():
     sae = TopKSAE(8, 32, 4)
     bad = iter([{3: torch.randn(16, 8)}, {3: torch.full((16, 8), float("nan"))}])
     with pytest.raises(NonFiniteLossError, match="layer 3, step 1: loss is nan"):
-        fit(
-            {3: sae}, bad, TrainerConfig(batch_size=16, warmup_steps=0), 2, "cpu", lambda s, m: None, lambda **k: _Bar()
-        )
+        fit({3: sae}, bad, TrainerConfig(batch_size=16, warmup_steps=0), 2, "cpu", lambda s, m: None, NullBar)
 
 
 def test_learning_rate_schedule_and_default():
@@ -156,7 +141,7 @@ def test_k_anneals_from_k_start_to_k():
     sae = TopKSAE(32, 256, 8)
     cfg = TrainerConfig(batch_size=128, lr=1e-3, warmup_steps=0, k_start=32, k_anneal_steps=10, log_every=1)
     logs = []
-    fit({0: sae}, _batches(x, 128), cfg, 14, "cpu", lambda s, m: logs.append(m[0]["l0"]), lambda **k: _Bar())
+    fit({0: sae}, _batches(x, 128), cfg, 14, "cpu", lambda s, m: logs.append(m[0]["l0"]), NullBar)
     assert logs[0] == 32 and logs[5] == 20 and logs[10:] == [8, 8, 8, 8]
 
 
