@@ -5,7 +5,8 @@ synthetic set (sparse combinations of 512 unit directions in 64 dimensions, plus
 Both trainers see the same training rows in the same order, one pass, batch 1024, d_sae 1024,
 k 16, each with its own default optimizer and learning rate; both are scored on the same held-out
 rows with the same definitions (FVU about the held-out mean; dead = never fires on those rows).
-sparsify runs in its own virtual environment (../shared/anchors/setup.sh), through this same file.
+sparsify runs in its own virtual environment (../shared/anchors/setup.sh), through this same file,
+so the module imports nothing of qscope_train at the top.
 
 Usage: python scripts/compare_quality.py [--sparsify-python ~/.cache/qscope-anchors/sparsify/bin/python]
 """
@@ -20,8 +21,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from qscope_train.tracking import NullBar
 
 D_SAE, K, BATCH = 1024, 16, 1024
 
@@ -74,6 +73,7 @@ def run_sparsify(train: torch.Tensor, held: torch.Tensor) -> dict:
 def run_ours(train: torch.Tensor, held: torch.Tensor, lr: float | None = None) -> dict:
     from qscope_train.config import TrainerConfig
     from qscope_train.sae import TopKSAE
+    from qscope_train.tracking import NullBar
     from qscope_train.trainer import fit
 
     batches = [{0: x} for x in train.split(BATCH)]
@@ -91,6 +91,7 @@ def tiny_model_rows(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from qscope_train.config import DataConfig, DType, ModelConfig
     from qscope_train.lm import load_lm
     from qscope_train.tiny import build_fixtures
+    from qscope_train.tracking import NullBar
 
     fx = build_fixtures(root / "fixtures")
     lm = load_lm(ModelConfig(name_or_path=str(fx["tiny-qwen3"])))
