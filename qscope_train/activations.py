@@ -17,7 +17,6 @@ from torch import Tensor
 
 from .config import DataConfig
 from .lm import LoadedLM, run_captured
-from .shards import STORE_DTYPES
 from .tokens import Sequence as TokSeq
 from .tokens import StreamState, batched, special_token_ids
 
@@ -81,6 +80,10 @@ class ActivationFilter:
     special_ids: list[int]
     medians: dict[int, RunningMedian] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        ids = self.special_ids if self.cfg.drop_special_tokens else []
+        self.drop_ids = torch.tensor(sorted({*ids, *self.cfg.drop_token_ids}), dtype=torch.long)
+
     def token_mask(self, ids_BT: Tensor, attn_BT: Tensor) -> tuple[Tensor, FilterCounts]:
         """Rows kept before the norm filter, and the drop counts that do not depend on the layer."""
         c = FilterCounts(seen=ids_BT.numel())
@@ -91,10 +94,8 @@ class ActivationFilter:
         pad = keep & ~attn_BT
         c.dropped_padding = int(pad.sum())
         keep &= attn_BT
-        if self.cfg.drop_special_tokens or self.cfg.drop_token_ids:
-            ids = self.special_ids if self.cfg.drop_special_tokens else []
-            drop = torch.tensor(sorted({*ids, *self.cfg.drop_token_ids}), dtype=torch.long, device=ids_BT.device)
-            special = torch.isin(ids_BT, drop) & keep
+        if len(self.drop_ids):
+            special = torch.isin(ids_BT, self.drop_ids.to(ids_BT.device)) & keep
             c.dropped_special = int(special.sum())
             keep &= ~special
         return keep, c
@@ -119,7 +120,7 @@ def forward_chunk(
     out_device: torch.device | str | None = None,
 ) -> ChunkRows:
     """Truncated forwards over one chunk of sequences; filtered rows per layer, in the cache dtype."""
-    dtype = STORE_DTYPES[cfg.cache_dtype.value]
+    dtype = cfg.cache_dtype.torch
     rows: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     pos: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     counts = {n: FilterCounts() for n in layer_ids}

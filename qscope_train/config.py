@@ -35,6 +35,13 @@ class DType(Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
 
+    @property
+    def torch(self):
+        """The torch dtype of the same name (torch is imported here only when asked for)."""
+        import torch
+
+        return getattr(torch, self.value)
+
 
 class SequenceMode(Enum):
     """How documents become fixed-length sequences."""

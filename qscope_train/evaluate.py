@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import Tensor
 
@@ -50,10 +48,3 @@ class Evaluator:
             "dead_frac": float((self.fires_F == 0).double().mean()),
             "n_tokens": self.n,
         }
-
-
-def evaluate_sae(sae: TopKSAE, batches: Iterable[Tensor], device: torch.device | str = "cpu") -> dict[str, float]:
-    ev = Evaluator(sae, device)
-    for x in batches:
-        ev.update(x)
-    return ev.result()

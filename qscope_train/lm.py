@@ -14,10 +14,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from .config import DType, ModelConfig
+from .config import ModelConfig
 from .errors import InputError, MissingInputError
 
-TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16, DType.float16: torch.float16}
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_5", "qwen3_5_text")
 
 
@@ -54,7 +53,7 @@ def load_lm(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedLM:
             f"model {cfg.name_or_path!r} has model_type {config.model_type!r}; qscope-train supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3 and Qwen3.5)"
         )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=TORCH_DTYPES[cfg.dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.dtype.torch, **kwargs)
     model.to(device).eval().requires_grad_(False)
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)

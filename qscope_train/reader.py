@@ -195,7 +195,8 @@ class LayerBatches:
     def state_dict(self) -> dict | None:
         if not self.seekable:
             return None
-        return {str(n): {**b.state_dict(), "carry": _cpu(b.state_dict()["carry"])} for n, b in self.buffers.items()}
+        states = {str(n): b.state_dict() for n, b in self.buffers.items()}
+        return {n: {**st, "carry": _cpu(st["carry"])} for n, st in states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for n, b in self.buffers.items():

@@ -26,6 +26,11 @@ _REPO_NAME = re.compile(r"^SAE-Res-(?P<model>.+)-W(?P<width_k>\d+)K-L0_(?P<k>\d+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def is_hub_id(name: str) -> bool:
+    """owner/name as the hub spells it, and not a relative or home path."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "~", "/"))
+
+
 class ReleaseFormatError(QScopeError, ValueError):
     """A checkpoint that is not a valid layer<n>.sae.pt; the message names file, key, expected, found."""
 
@@ -77,7 +82,7 @@ def resolve(source: str | Path, layer: Optional[int] = None, revision: Optional[
             found = sorted(p.name for p in path.glob("layer*.sae.pt"))
             raise MissingInputError(f"{file} does not exist; the directory holds {found or 'no layer*.sae.pt files'}")
         return file
-    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "~")):
+    if is_hub_id(str(source)):
         if layer is None:
             raise InputError(f"hub repo {source}: say which layer to load (layer<n>.sae.pt)")
         from huggingface_hub import hf_hub_download
@@ -233,11 +238,7 @@ def write_model_card(directory: str | Path, info: dict, layer_metrics: dict[int,
     lines = [
         "---",
         "tags: [sparse-autoencoder, sae, qwen-scope, qscope-train]",
-        *(
-            [f"base_model: {info['base_model']}"]
-            if _HUB_ID.match(info["base_model"]) and not info["base_model"].startswith((".", "~", "/"))
-            else []
-        ),
+        *([f"base_model: {info['base_model']}"] if is_hub_id(info["base_model"]) else []),
         "---",
         "",
         f"# {info['release_name']}",

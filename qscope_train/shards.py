@@ -93,10 +93,6 @@ class Codec:
         value = pairs.view(self.torch_dtype).view(lo.shape)
         return value if out_dtype is None else value.to(out_dtype)
 
-    def decode(self, data, numel: int, out_dtype: torch.dtype | None = None) -> Tensor:
-        """Inverse of encode as a flat tensor of the stored dtype (or converted to out_dtype)."""
-        return self.to_values(self.decode_planes(data, 1, numel), out_dtype).view(-1)
-
 
 @dataclass(frozen=True)
 class ShardRecord:

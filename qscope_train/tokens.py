@@ -54,7 +54,7 @@ def load_text_dataset(cfg: DataConfig):
         )
     else:
         ds = datasets.load_dataset(cfg.dataset, cfg.config_name, split=cfg.split, streaming=cfg.streaming)
-    field = text_field(cfg)
+    field = cfg.text_field
     columns = ds.column_names
     if columns is not None and field not in columns:
         raise InputError(f"data.text_field={field!r} is not a column of {cfg.dataset!r}; columns: {columns}")
@@ -63,14 +63,10 @@ def load_text_dataset(cfg: DataConfig):
     return ds
 
 
-def text_field(cfg: DataConfig) -> str:
-    return cfg.text_field
-
-
 def _documents(ds, cfg: DataConfig, tokenizer, start_doc: int) -> Iterator[list[int]]:
     """Token ids of each document from index start_doc on (chat rendered with the template)."""
     rows = ds.skip(start_doc) if start_doc else ds
-    field = text_field(cfg)
+    field = cfg.text_field
     it = iter(rows)
     while chunk := list(islice(it, TOKENIZE_CHUNK)):
         if cfg.format is TextFormat.chat:

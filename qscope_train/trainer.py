@@ -20,7 +20,6 @@ from . import distributed
 from .config import Activation, TrainerConfig
 from .errors import InputError, QScopeError
 from .fsutil import atomic_write, atomic_write_json
-from .lm import TORCH_DTYPES
 from .losses import fvu
 from .sae import SparseCode, TopKSAE
 
@@ -82,7 +81,7 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 
     sae = state.sae
     x_BD = x_BD.float()
     reduce = distributed.sum_ if distributed.active() else None
-    out = sae(x_BD, gemm_dtype=TORCH_DTYPES[cfg.encoder_dtype], k=k_at(step, sae.k, cfg))
+    out = sae(x_BD, gemm_dtype=cfg.encoder_dtype.torch, k=k_at(step, sae.k, cfg))
     main = fvu(x_BD, out.x_hat_BD, reduce)
     loss, aux = main, None
     dead_F = state.since_fired_F >= cfg.dead_after_tokens  # identical on every rank
