@@ -39,6 +39,8 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save({"state": sae.state_dict(), "logs": logs}, out)
     if dist.is_initialized():
+        # all ranks leave together: a rank tearing gloo down while rank 0 still saves can abort (SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
 
 
