@@ -21,6 +21,7 @@ class Stage(Enum):
     fit = "fit"
     evaluate = "evaluate"
     export = "export"
+    adapt = "adapt"  # before/after report and feature drift against init_from (adaptation runs)
 
 
 class Activation(Enum):
@@ -249,6 +250,36 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: which SAEs, how many tokens for the spliced loss, what the report shows."""
+
+    saes: Optional[str] = None
+    """SAEs to evaluate instead of this run's fit outputs: a release file or directory, a hub repo id, or a
+    sparsify checkpoint directory (e.g. Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_100 on any Qwen3 checkpoint)."""
+    saes_revision: Optional[str] = None
+    """Hub revision of evaluate.saes."""
+    compare_source: bool = True
+    """With init_from set, also evaluate those source SAEs on the same tokens (the 'before' of an adaptation)."""
+    downstream_tokens: int = 65536
+    """Held-out sequence tokens for the spliced next-token loss (delta CE, CE recovered, KL); 0 skips it."""
+    downstream_batch_tokens: int = 8192
+    """Tokens per spliced forward pass; its logits are (tokens, vocab) fp32, so keep it moderate."""
+    splice_filtered: bool = False
+    """Also splice the positions the filters drop (position 0, padding, special tokens); by default those
+    keep their clean activations, as the SAE never trained on them."""
+    dense_threshold: float = 0.1
+    """A latent firing on more than this fraction of held-out tokens counts as dense."""
+
+    def __post_init__(self) -> None:
+        if self.downstream_tokens < 0:
+            raise ConfigError(f"evaluate.downstream_tokens must be >= 0, got {self.downstream_tokens}")
+        if self.downstream_batch_tokens <= 0:
+            raise ConfigError(f"evaluate.downstream_batch_tokens must be positive, got {self.downstream_batch_tokens}")
+        if not 0 < self.dense_threshold <= 1:
+            raise ConfigError(f"evaluate.dense_threshold must be in (0, 1], got {self.dense_threshold}")
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases logging (the JSONL log in the run directory is always written)."""
 
@@ -268,8 +299,9 @@ class RunConfig:
     """Run name; the default run directory is outputs/<name>."""
     run_dir: str = "outputs/${name}"
     """Directory for every stage's outputs (cache/, fit/, eval/, export/, log.jsonl)."""
-    stages: list[Stage] = field(default_factory=lambda: list(Stage))
-    """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in that order."""
+    stages: list[Stage] = field(default_factory=lambda: [Stage.cache, Stage.fit, Stage.evaluate, Stage.export])
+    """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in the order
+    cache, fit, evaluate, export, adapt."""
     layers: list[int] = MISSING
     """Decoder layer indices n whose output (residual stream after block n) gets an SAE."""
     init_from: Optional[str] = None
@@ -283,6 +315,7 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -293,7 +326,9 @@ class RunConfig:
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers has duplicates: {list(self.layers)}")
         if not self.stages:
-            raise ConfigError("stages must name at least one of cache, fit, evaluate, export")
+            raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt")
+        if Stage.adapt in self.stages and self.init_from is None:
+            raise ConfigError("stages has adapt, which compares against the source SAEs: set init_from")
 
 
 def to_plain(obj: Any) -> Any:

@@ -1,9 +1,10 @@
-"""The stages, in order: cache -> fit -> evaluate -> export, each reading and writing the run directory.
+"""The stages, in order: cache -> fit -> evaluate -> export -> adapt, each reading and writing the run directory.
 
 run_dir/cache/   manifest.json + {train,eval}/layer<n>/shard-*.zst   (cache)
 run_dir/fit/     layer<n>.sae.pt + layer<n>.json                      (fit)
-run_dir/eval/    metrics.json                                         (evaluate)
+run_dir/eval/    eval.json + firing.pt + report.md + *.png            (evaluate)
 run_dir/export/  layer<n>.sae.pt + layer<n>.json + README.md          (export)
+run_dir/         adapt.json + report.md + *.png                       (adapt: before/after, drift)
 """
 
 from __future__ import annotations
@@ -13,36 +14,30 @@ from typing import Optional
 
 import torch
 
-from . import __version__, release, shards
+from . import __version__, release
 from .cache import build_cache
 from .config import ActivationSource, RunConfig, Stage, to_plain
-from .errors import ConfigError, InputError, MissingInputError
-from .evaluate import Evaluator
-from .fsutil import atomic_write_json, read_json
+from .errors import ConfigError, InputError
+from .evaluate import scalar_metrics
+from .fsutil import read_json
 from .lm import load_lm
-from .reader import cached_batches, eval_rows, live_batches, live_chunks
+from .reader import cached_batches, live_batches
+from .rundir import RunDirs, cache_manifest, fit_file
 from .sae import TopKSAE
+from .stages_eval import adapt_stage, eval_result, evaluate_stage, summary_table
 from .tracking import Tracker
 from .trainer import Checkpoints, fit
 
-EVAL_BATCH = 4096
 
-
-class RunDirs:
-    def __init__(self, run_dir: Path) -> None:
-        self.root = run_dir
-        self.cache, self.fit, self.eval, self.export = (run_dir / s for s in ("cache", "fit", "eval", "export"))
-
-
-def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
-    """Run the configured stages; returns the held-out metrics per layer (empty if not evaluated)."""
+def run(cfg: RunConfig, accelerator) -> dict:
+    """Run the configured stages; returns the evaluation result (eval.json's content; empty if not evaluated)."""
     world = accelerator.num_processes
     if world > 1 and Stage.fit in cfg.stages and cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must divide evenly over {world} processes")
     dirs = RunDirs(Path(cfg.run_dir))
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
     device = accelerator.device
-    metrics: dict[int, dict] = {}
+    result: dict = {}
     try:
         if Stage.cache in cfg.stages:
             cache_stage(cfg, dirs, accelerator, tracker)
@@ -51,15 +46,16 @@ def run(cfg: RunConfig, accelerator) -> dict[int, dict]:
         accelerator.wait_for_everyone()
         # held-out evaluation and export are small: the main process does them alone
         if Stage.evaluate in cfg.stages and accelerator.is_main_process:
-            metrics = evaluate_stage(cfg, dirs, device, tracker)
+            result = evaluate_stage(cfg, dirs, device, tracker)
+            print(summary_table(result))
         if Stage.export in cfg.stages and accelerator.is_main_process:
             export_stage(cfg, dirs)
+        if Stage.adapt in cfg.stages and accelerator.is_main_process:
+            adapt_stage(cfg, dirs)
         accelerator.wait_for_everyone()
     finally:
         tracker.close()
-    if metrics:
-        print(summary_table(metrics))
-    return metrics
+    return result
 
 
 def cache_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
@@ -102,20 +98,6 @@ def cache_summary(manifest: dict, root: Path) -> str:
     )
 
 
-def _manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
-    manifest = shards.read_manifest(dirs.cache)
-    missing = sorted(set(cfg.layers) - set(manifest["layers"]))
-    if missing:
-        raise InputError(
-            f"the cache at {dirs.cache} has layers {manifest['layers']}, not {missing}: re-run the cache stage"
-        )
-    if manifest["model"] != cfg.model.name_or_path:
-        raise InputError(
-            f"the cache at {dirs.cache} holds activations of {manifest['model']!r}, not {cfg.model.name_or_path!r}"
-        )
-    return manifest
-
-
 def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[int, dict]:
     """Data parallel over the launched processes: rank r reads its own shards (or live chunks) and
     batch_size / world rows per step; gradients and dead-latent counts are summed over ranks."""
@@ -128,7 +110,7 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
         batches = live_batches(lm, cfg.layers, local_batch, cfg.data, t.seed, device, rank=rank, world=world)
         steps = t.max_steps or max(1, cfg.data.train_tokens // t.batch_size)
     else:
-        manifest = _manifest(cfg, dirs)
+        manifest = cache_manifest(cfg, dirs)
         d_model, model_name = manifest["d_model"], manifest["model"]
         few = [n for n in cfg.layers if len(manifest["splits"]["train"]["layers"][str(n)]["shards"]) < world]
         if few:
@@ -184,13 +166,6 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
     return summary
 
 
-def _fit_file(dirs: RunDirs, n: int, stage: str) -> Path:
-    path = dirs.fit / release.layer_filename(n)
-    if not path.is_file():
-        raise MissingInputError(f"{path} does not exist: run the fit stage first (stages=[fit,{stage}])")
-    return path
-
-
 def initial_saes(cfg: RunConfig, d_model: int) -> dict[int, TopKSAE]:
     """Fresh SAEs (unit-norm random decoder, tied encoder), or the release named by init_from."""
     if cfg.init_from is None:
@@ -217,36 +192,17 @@ def initial_saes(cfg: RunConfig, d_model: int) -> dict[int, TopKSAE]:
     return saes
 
 
-def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict[int, dict]:
-    evals = {n: Evaluator(release.load_sae(_fit_file(dirs, n, "evaluate")), device, EVAL_BATCH) for n in cfg.layers}
-    if cfg.data.source is ActivationSource.live:
-        lm = load_lm(cfg.model, device)
-        for rows in live_chunks(lm, cfg.layers, cfg.data, "eval", device):
-            for n, x in rows.items():
-                evals[n].update(x)
-        filters = {}
-    else:
-        manifest = _manifest(cfg, dirs)
-        for n in cfg.layers:
-            for x in eval_rows(dirs.cache, manifest, n, EVAL_BATCH):
-                evals[n].update(x)
-        filters = {n: manifest["splits"]["eval"]["layers"][str(n)]["filters"] for n in cfg.layers}
-    metrics = {n: {**ev.result(), **({"filters": filters[n]} if n in filters else {})} for n, ev in evals.items()}
-    tracker.log("evaluate", 0, metrics)
-    atomic_write_json(dirs.eval / "metrics.json", {"layers": {str(n): m for n, m in metrics.items()}})
-    return metrics
-
-
 def export_stage(cfg: RunConfig, dirs: RunDirs) -> Path:
-    eval_file = dirs.eval / "metrics.json"
-    metrics = {int(n): m for n, m in read_json(eval_file)["layers"].items()} if eval_file.is_file() else {}
+    result = eval_result(dirs)
+    trained = (result or {}).get("sets", {}).get("trained", {}).get("layers", {})
+    metrics = {int(n): scalar_metrics(m) for n, m in trained.items()}
     metas = {}
     for n in cfg.layers:
-        src = _fit_file(dirs, n, "export")
+        src = fit_file(dirs, n, "export")
         release.save_tensors(dirs.export / src.name, release.load_tensors(src))
         meta = read_json(dirs.fit / f"layer{n}.json")
         if n in metrics:
-            meta["metrics"] = {k: v for k, v in metrics[n].items() if k != "filters"}
+            meta["metrics"] = metrics[n]
         release.write_sidecar(dirs.export / f"layer{n}.json", meta)
         metas[n] = meta
     first = metas[cfg.layers[0]]
@@ -293,15 +249,3 @@ def layer_meta(cfg: RunConfig, model_name: str, n: int, sae: TopKSAE, summary: O
         "trainer": to_plain(cfg.trainer),
         "qscope_train_version": __version__,
     }
-
-
-def summary_table(metrics: dict[int, dict]) -> str:
-    lines = [
-        "",
-        "layer      FVU       L0   dead %   held-out tokens",
-        "-----  -------  -------  -------  ---------------",
-    ]
-    for n in sorted(metrics):
-        m = metrics[n]
-        lines.append(f"{n:>5}  {m['fvu']:7.4f}  {m['l0']:7.2f}  {100 * m['dead_frac']:6.2f}%  {m['n_tokens']:>15,}")
-    return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import shards
-from .activations import chunked, forward_chunk, make_filter
+from .activations import ChunkRows, chunked, forward_chunk, make_filter
 from .cache import plan
 from .config import DataConfig, OnCorrupt
 from .errors import InputError
@@ -253,8 +253,10 @@ def live_chunks(
     rank: int = 0,
     world: int = 1,
     epochs: int | None = 1,
-) -> Iterator[dict[int, Tensor]]:
-    """Run the model over one split's chunks (this rank's share); yields {layer: filtered rows} per chunk."""
+    full: bool = False,
+) -> Iterator[dict[int, Tensor]] | Iterator[ChunkRows]:
+    """Run the model over one split's chunks (this rank's share); yields {layer: filtered rows} per chunk,
+    or with full=True the whole ChunkRows (rows, positions, token ids and filter counts)."""
     chunks = plan(cfg)[split]
     epoch = 0
     while epochs is None or epoch < epochs:
@@ -267,7 +269,8 @@ def live_chunks(
             if c < chunks.start or c % world != rank:
                 continue
             produced = True
-            yield forward_chunk(lm, layers, seqs, cfg, filt, device).rows
+            chunk = forward_chunk(lm, layers, seqs, cfg, filt, device)
+            yield chunk if full else chunk.rows
         if not produced:
             raise InputError(f"the live {split} split has no sequences for rank {rank}")
         epoch += 1

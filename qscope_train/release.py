@@ -70,11 +70,17 @@ def resolve(source: str | Path, layer: Optional[int] = None, revision: Optional[
     """A local path for `source`: a .pt file, a directory (+ layer), or a hub repo id (+ layer).
 
     Hub files come through huggingface_hub, which serves its local cache when HF_HUB_OFFLINE=1.
+    A sparsify run directory (+ layer) resolves to its hookpoint directory (layers.<n>/), the only
+    case where the result is a directory.
     """
     path = Path(source).expanduser()
     if path.is_file():
         return path
     if path.is_dir():
+        from . import convert  # imported here: convert imports this module
+
+        if convert.is_sparsify_dir(path):
+            return convert.sparsify_hookpoint(path, layer)
         if layer is None:
             raise InputError(f"{path} is a directory: say which layer to load (layer<n>.sae.pt)")
         file = path / layer_filename(layer)
@@ -180,8 +186,14 @@ def load_sae(
 
     k and activation default to the sidecar's (layer<n>.json), else k comes from a release-style
     name and the activation is default_activation (the card's plain top-k unless told otherwise).
+    A sparsify directory is folded on the fly (convert.from_sparsify): its cfg.json gives k, relu_topk.
     """
     file = resolve(source, layer, revision)
+    if file.is_dir():  # resolve returns a directory only for a sparsify hookpoint
+        from . import convert
+
+        tensors, sparsify_k, sparsify_activation = convert.from_sparsify(file)
+        return TopKSAE.from_release(tensors, k or sparsify_k, activation or sparsify_activation)
     tensors = load_tensors(file)
     if k is None:
         k = infer_k(source, file)
@@ -193,6 +205,18 @@ def load_sae(
         side = read_sidecar(file) or {}
         activation = Activation(side.get("activation", default_activation.value))
     return TopKSAE.from_release(tensors, k, activation)
+
+
+def source_model(source: str | Path, layer: int, revision: Optional[str] = None) -> Optional[str]:
+    """The model an SAE release was trained on: its sidecar's `model`, else the model in a release-style name."""
+    try:
+        side = read_sidecar(resolve(source, layer, revision))
+    except QScopeError:
+        side = None
+    if side and side.get("model"):
+        return str(side["model"])
+    parsed = ReleaseName.parse(str(source))
+    return parsed.model if parsed else None
 
 
 # ----- writing -------------------------------------------------------------------------------------------
@@ -260,11 +284,16 @@ def write_model_card(directory: str | Path, info: dict, layer_metrics: dict[int,
         "(d_model, d_sae), `b_enc` (d_sae,), `b_dec` (d_model,). Training metadata is in `layer<n>.json`.",
     ]
     if info.get("source"):
-        lines += ["", f"Adapted from: {info['source']}"]
+        lines += [
+            "",
+            f"Adapted from the SAEs `{info['source']}` by continued training on the residual stream of "
+            f"`{info['base_model']}`; see `adapt.json` and `report.md` of the adaptation run for before/after "
+            "metrics and feature drift.",
+        ]
     if info.get("tokens_trained"):
         lines += ["", f"Activation tokens trained per layer: {info['tokens_trained']:,}"]
     if layer_metrics:
-        keys = ["fvu", "mse", "l0", "dead_frac"]
+        keys = ["fvu", "mse", "l0", "dead_frac", "delta_ce", "ce_recovered"]
         lines += [
             "",
             "## Held-out metrics",

@@ -1,7 +1,10 @@
-"""Offline fixtures: a generated text corpus, a byte-level BPE tokenizer trained on it, and tiny
-random-weight Qwen3 / Qwen3.5 models saved with save_pretrained (loaded back through from_pretrained).
+"""Offline fixtures: a generated text and chat corpus, a byte-level BPE tokenizer trained on them, and
+tiny Qwen3 / Qwen3.5 models saved with save_pretrained (loaded back through from_pretrained).
 
-Nothing here touches the network; everything is deterministic for a given seed.
+tiny-qwen3 is pretrained for a few hundred steps on the text corpus, so that its residual stream and
+next-token loss have structure; tiny-qwen3-chat is that model post-trained for a few more steps on
+chat-formatted conversations (the pair the adaptation demo uses). The Qwen3.5 models keep random weights.
+Nothing here touches the network; everything is deterministic for a given seed and thread count.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -75,6 +78,29 @@ def generate_corpus(n_docs: int, seed: int = 0) -> Iterator[str]:
         yield " ".join(_sentence(rng) for _ in range(rng.randrange(3, 13)))
 
 
+def generate_chats(n_chats: int, seed: int = 0) -> Iterator[list[dict]]:
+    """Deterministic one- to three-turn conversations about the corpus's sentence kinds."""
+    rng = random.Random(seed)
+    for _ in range(n_chats):
+        messages = []
+        for _ in range(rng.randrange(1, 4)):
+            kind = rng.randrange(4)
+            if kind == 0:
+                a, b = rng.randrange(100), rng.randrange(100)
+                q, a_ = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+            elif kind == 1:
+                items = ", ".join(rng.sample(_W["item"], rng.randrange(2, 5)))
+                q, a_ = "What should I buy?", f"Shopping list: {items}."
+            elif kind == 2:
+                subj = rng.choice(_W["subj"])
+                q = f"Tell me what {subj} did."
+                a_ = f"{subj.capitalize()} {rng.choice(_W['verb'])} {rng.choice(_W['obj'])} {rng.choice(_W['place'])}."
+            else:
+                q, a_ = "Describe the day.", f"It was a {rng.choice(_W['adj'])} and {rng.choice(_W['adj'])} day."
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a_}]
+        yield messages
+
+
 def build_tokenizer(texts: list[str], vocab_size: int = 1024):
     """A byte-level BPE tokenizer with Qwen-style special tokens and a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -101,9 +127,43 @@ def _token_ids(tokenizer) -> dict:
     return dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def build_models(tokenizer, out: Path, seed: int = 0) -> dict[str, Path]:
-    """tiny-qwen3 (Qwen3ForCausalLM), tiny-qwen3_5 (hybrid linear/full attention, text only) and
-    tiny-qwen3_5-vl (Qwen3_5ForConditionalGeneration with a one-block vision tower)."""
+def _packed_blocks(tokenizer, texts: list[str], context_len: int = 128):
+    """Token ids of the texts joined by EOS, cut into (N, context_len) blocks."""
+    import torch
+
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    n = len(ids) // context_len
+    return torch.tensor(ids[: n * context_len]).view(n, context_len)
+
+
+def train_lm_(model, blocks, steps: int, lr: float, seed: int, batch: int = 16) -> float:
+    """A few AdamW steps of next-token training on random blocks; returns the last loss."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        for group in opt.param_groups:  # short warmup keeps the first steps of a random model stable
+            group["lr"] = lr * min(1.0, (step + 1) / 20)
+        ids = blocks[torch.randint(len(blocks), (batch,), generator=g)]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss.detach())
+
+
+def build_models(
+    tokenizer, out: Path, texts: list[str], chats: list[list[dict]], seed: int = 0, train_steps: int = 150
+) -> dict[str, Path]:
+    """tiny-qwen3 (Qwen3ForCausalLM, pretrained on the text corpus), tiny-qwen3-chat (that model post-trained
+    on chat conversations), tiny-qwen3_5 (hybrid linear/full attention, text only, random) and
+    tiny-qwen3_5-vl (Qwen3_5ForConditionalGeneration with a one-block vision tower, random)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.models.qwen3_5 import (
@@ -131,30 +191,59 @@ def build_models(tokenizer, out: Path, seed: int = 0) -> dict[str, Path]:
             Qwen3_5Config(text_config=text35, vision_config=vision)
         ),
     }
-    paths = {}
+    paths, losses = {}, {}
     for i, (name, build) in enumerate(builders.items()):
         torch.manual_seed(seed + i)
         model = build().eval()
+        if name == "tiny-qwen3":
+            losses[name] = train_lm_(model, _packed_blocks(tokenizer, texts), train_steps, 3e-3, seed)
+            model.save_pretrained(out / name)
+            tokenizer.save_pretrained(out / name)
+            paths[name] = out / name
+            rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in chats]
+            chat_blocks = _packed_blocks(tokenizer, rendered)
+            name = "tiny-qwen3-chat"
+            losses[name] = train_lm_(model, chat_blocks, max(1, train_steps // 3), 1e-3, seed + 100)
         model.save_pretrained(out / name)
         tokenizer.save_pretrained(out / name)
         paths[name] = out / name
-    return paths
+    return paths, losses
 
 
-def build_fixtures(out: str | Path, n_docs: int = 12000, seed: int = 0, force: bool = False) -> dict[str, Path]:
-    """Write corpus.jsonl, the tokenizer and the tiny models under `out` (skipped if already built)."""
+def build_fixtures(
+    out: str | Path, n_docs: int = 12000, seed: int = 0, force: bool = False, train_steps: int = 150
+) -> dict[str, Path]:
+    """Write corpus.jsonl, chat.jsonl, the tokenizer and the tiny models under `out` (skipped if already built).
+
+    The chat conversations that post-train tiny-qwen3-chat are drawn apart from those in chat.jsonl.
+    """
+    import torch
+
     out = Path(out)
     marker = out / "fixtures.json"
-    names = ["tiny-qwen3", "tiny-qwen3_5", "tiny-qwen3_5-vl"]
-    paths = {name: out / name for name in names} | {"corpus": out / "corpus.jsonl"}
+    names = ["tiny-qwen3", "tiny-qwen3-chat", "tiny-qwen3_5", "tiny-qwen3_5-vl"]
+    paths = {name: out / name for name in names} | {"corpus": out / "corpus.jsonl", "chat": out / "chat.jsonl"}
     if not force and marker.is_file() and json.loads(marker.read_text()).get("version") == FIXTURE_VERSION:
         return paths
     out.mkdir(parents=True, exist_ok=True)
     texts = list(generate_corpus(n_docs, seed))
+    chats = list(generate_chats(n_docs // 2, seed))
     with open(paths["corpus"], "w") as f:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
-    tokenizer = build_tokenizer(texts)
-    build_models(tokenizer, out, seed)
-    marker.write_text(json.dumps({"version": FIXTURE_VERSION, "seed": seed, "n_docs": n_docs}) + "\n")
+    with open(paths["chat"], "w") as f:
+        for messages in chats:
+            f.write(json.dumps({"messages": messages}) + "\n")
+    tokenizer = build_tokenizer(texts + [m["content"] for c in chats for m in c])
+    post_train_chats = list(generate_chats(n_docs // 2, seed + 1))
+    with torch.random.fork_rng():
+        _, losses = build_models(tokenizer, out, texts, post_train_chats, seed, train_steps)
+    meta = {
+        "version": FIXTURE_VERSION,
+        "seed": seed,
+        "n_docs": n_docs,
+        "train_steps": train_steps,
+        "final_loss": losses,
+    }
+    marker.write_text(json.dumps(meta) + "\n")
     return paths

@@ -66,7 +66,7 @@ def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(f
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["layers"]
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())["sets"]["trained"]["layers"]
     assert set(metrics) == {"1", "2"} and all(m["fvu"] < 1.5 for m in metrics.values())
     side = json.loads((tmp_path / "export" / "layer1.json").read_text())
     assert side["train"]["tokens_trained"] == 20 * 512  # global batch: 2 ranks × 256 rows

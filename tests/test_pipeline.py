@@ -30,8 +30,12 @@ SMALL = ["data.train_tokens=65536", "data.eval_tokens=8192", "data.shard_tokens=
 def demo(fixtures_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo")
     cfg = compose(["experiment=demo", f"run_dir={run_dir}", *SMALL])
-    metrics = run(cfg, Accelerator(cpu=True))
-    return cfg, run_dir, metrics
+    result = run(cfg, Accelerator(cpu=True))
+    return cfg, run_dir, trained_metrics(result)
+
+
+def trained_metrics(result: dict) -> dict[int, dict]:
+    return {int(n): m for n, m in result["sets"]["trained"]["layers"].items()}
 
 
 def test_demo_reconstructs_held_out_activations_better_than_the_mean(demo):
@@ -42,8 +46,8 @@ def test_demo_reconstructs_held_out_activations_better_than_the_mean(demo):
         assert m["fvu"] < 0.5  # predicting the mean scores 1.0
         assert m["l0"] == cfg.sae.k
         assert m["n_tokens"] > 7000
-    saved = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert saved["layers"]["1"]["fvu"] == metrics[1]["fvu"]
+    saved = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert saved["sets"]["trained"]["layers"]["1"]["fvu"] == metrics[1]["fvu"]
 
 
 def test_export_directory_layout(demo):
@@ -102,12 +106,12 @@ def test_exported_file_gives_the_cards_features_on_real_activations(demo, fixtur
         card = card_get_feature_acts(card_sae, x, cfg.sae.k)
         assert torch.equal(ours.encode(x), card)
         assert card.count_nonzero(-1).eq(cfg.sae.k).all()
-        relu = TopKSAE.from_release(card_sae, cfg.sae.k, Activation.relu_topk)
-        # Scaled-down activations leave many top-k pre-activations negative, where ReLU matters.
-        for inp in (x, 0.1 * x):
-            want = card_get_feature_acts(card_sae, inp, cfg.sae.k, relu=True)
-            assert torch.equal(relu.encode(inp), want)
-        differs = (relu.encode(0.1 * x) != card_get_feature_acts(card_sae, 0.1 * x, cfg.sae.k)).any(-1)
+        # A lowered encoder bias leaves most top-k pre-activations negative, where the ReLU matters.
+        for b_shift in (0.0, 3 * card_sae["b_enc"].abs().max() + 10):
+            shifted = dict(card_sae, b_enc=card_sae["b_enc"] - b_shift)
+            relu = TopKSAE.from_release(shifted, cfg.sae.k, Activation.relu_topk)
+            assert torch.equal(relu.encode(x), card_get_feature_acts(shifted, x, cfg.sae.k, relu=True))
+        differs = (relu.encode(x) != card_get_feature_acts(shifted, x, cfg.sae.k)).any(-1)
         assert differs.float().mean() > 0.5
         # and decoding through the card's formula is our reconstruction
         x_hat = card @ card_sae["W_dec"].T + card_sae["b_dec"]
@@ -176,7 +180,7 @@ def test_console_command_gives_one_line_errors(fixtures_dir, tmp_path):
 
 def test_qwen3_5_demo_pipeline(fixtures_dir, tmp_path):
     cfg = compose(["experiment=demo_qwen3_5", f"run_dir={tmp_path}", *SMALL])
-    metrics = run(cfg, Accelerator(cpu=True))
+    metrics = trained_metrics(run(cfg, Accelerator(cpu=True)))
     assert sorted(metrics) == [0, 1]
     assert all(m["fvu"] < 0.5 for m in metrics.values()), metrics
 
@@ -214,7 +218,7 @@ def test_continue_from_a_release_starts_from_its_tensors(demo, tmp_path):
     want = torch.load(src / "layer1.sae.pt", weights_only=True)
     assert not torch.equal(got["W_enc"], want["W_enc"])
     assert torch.nn.functional.cosine_similarity(got["W_enc"], want["W_enc"], dim=1).mean() > 0.5
-    assert f"Adapted from: {src}" in (tmp_path / "run" / "export" / "README.md").read_text()
+    assert f"Adapted from the SAEs `{src}`" in (tmp_path / "run" / "export" / "README.md").read_text()
 
 
 def test_continue_from_a_release_of_another_width_is_refused(demo, tmp_path):
