@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIXTURES ?= fixtures
 
-.PHONY: install fixtures demo test lint format clean
+.PHONY: install fixtures demo test test-interop lint format clean
 
 install: $(STAMP)
 
@@ -21,11 +21,19 @@ fixtures: $(FIXTURES)/fixtures.json
 $(FIXTURES)/fixtures.json: $(STAMP) qscope_train/tiny.py
 	$(PY) scripts/make_tiny_model.py --out $(FIXTURES) --force
 
+# the demo trains SAEs on the tiny base model, then adapts them to its chat-tuned variant
 demo: fixtures
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo
+	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# the optional cross-library tests, against peers installed apart (../shared/anchors/setup.sh)
+ANCHORS ?= $(HOME)/.cache/qscope-anchors
+test-interop: $(STAMP)
+	QSCOPE_SAELENS_PYTHON=$(ANCHORS)/saelens/bin/python QSCOPE_SPARSIFY_PYTHON=$(ANCHORS)/sparsify/bin/python \
+		$(PY) -m pytest -q tests/test_interop_saelens.py tests/test_convert.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qscope_train tests scripts train.py

@@ -25,7 +25,7 @@ from .activations import ChunkRows, FilterCounts, RunningMedian, chunked, forwar
 from .config import DataConfig, to_plain
 from .errors import InputError
 from .fsutil import atomic_write_json, read_json
-from .lm import LoadedLM
+from .lm import LoadedLM, weights_digest
 from .shards import Codec
 from .tokens import StreamState, load_text_dataset, token_stream
 
@@ -38,7 +38,13 @@ def codec_for(cfg: DataConfig) -> Codec:
 
 
 def fingerprint(
-    model: str, revision: str | None, layers: Sequence[int], cfg: DataConfig, world: int, dtype: str = "float32"
+    model: str,
+    revision: str | None,
+    layers: Sequence[int],
+    cfg: DataConfig,
+    world: int,
+    dtype: str = "float32",
+    weights: str | None = None,
 ) -> dict:
     """Everything that decides the cached bytes; a cache is reused or resumed only when this matches."""
     reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt"}
@@ -47,11 +53,25 @@ def fingerprint(
         "format": CACHE_FORMAT,
         "model": model,
         "revision": revision,
+        "weights": weights,
         "model_dtype": dtype,
         "layers": sorted(layers),
         "data": data,
         "world": world,
     }
+
+
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The settings that differ, as `key: cached -> asked`, nested keys joined by dots."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = fingerprint_diff(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(parts)
 
 
 def plan(cfg: DataConfig) -> dict[str, range]:
@@ -92,7 +112,7 @@ class _Progress:
         if state["fingerprint"] != self.fp:
             raise InputError(
                 f"{self.state_file.parent.parent} holds a partial cache made with other settings; delete it or "
-                f"choose another run_dir (cached: {state['fingerprint']}, asked: {self.fp})"
+                f"choose another run_dir (differs: {fingerprint_diff(state['fingerprint'], self.fp)})"
             )
         return state
 
@@ -184,14 +204,14 @@ def build_cache(
 ) -> dict:
     """Write (or finish) the cache under root and return its manifest."""
     model_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    fp = fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype)
+    fp = fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype, weights_digest(lm.name, revision))
     if (root / shards.MANIFEST).is_file():
         old = shards.read_manifest(root)
         if old.get("fingerprint") == fp:
             return old
         raise InputError(
             f"{root} already holds a cache made with other settings; delete it or choose another run_dir "
-            f"(cached: {old.get('fingerprint')}, asked: {fp})"
+            f"(differs: {fingerprint_diff(old.get('fingerprint') or {}, fp)})"
         )
     chunks = plan(cfg)
     total = chunks["train"].stop

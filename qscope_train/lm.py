@@ -6,6 +6,7 @@ is taken after the final norm, so it is never used. The forward stops after the 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,28 @@ def load_lm(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedLM:
     layers = find_decoder_layers(model)
     d_model = model.config.get_text_config().hidden_size
     return LoadedLM(model, tokenizer, layers, d_model, cfg.name_or_path)
+
+
+def weights_digest(name_or_path: str, revision: Optional[str] = None) -> str:
+    """Names these exact weights, so a cache made from other weights at the same path is never reused.
+
+    A local directory: sha256 over each weight file's name, size and bytes (a few seconds for a 2B model).
+    A hub id: the commit its files resolve to (from the local hub cache when offline).
+    """
+    if is_local_path(name_or_path):
+        h = hashlib.sha256()
+        path = Path(name_or_path).expanduser()
+        files = sorted([*path.glob("*.safetensors"), *path.glob("*.bin")])
+        for file in files:
+            h.update(f"{file.name}:{file.stat().st_size}:".encode())
+            with open(file, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+        return f"sha256:{h.hexdigest()[:32]}" if files else "no-weight-files"
+    from huggingface_hub import hf_hub_download
+
+    config_file = Path(hf_hub_download(name_or_path, "config.json", revision=revision))
+    return f"commit:{config_file.parent.name}"  # .../snapshots/<commit>/config.json
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -263,3 +263,18 @@ def test_two_processes_write_disjoint_shards_and_one_merged_manifest(cached, fix
         for f in logs
     ]
     assert all(c % 2 == 0 for c in chunks[0]) and all(c % 2 == 1 for c in chunks[1])
+
+
+def test_a_cache_from_other_weights_at_the_same_path_is_refused(fixtures_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixtures_dir / "tiny-qwen3", model_dir)
+    args = [f"model.name_or_path={model_dir}"]
+    run(_cfg(tmp_path / "run", *args), Accelerator(cpu=True))
+    run(_cfg(tmp_path / "run", *args), Accelerator(cpu=True))  # same weights: reused
+    # the same directory, retrained: its cached activations no longer describe it
+    model = load_lm(compose(["experiment=demo", *args]).model).model
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    model.save_pretrained(model_dir)
+    with pytest.raises(ValueError, match=r"\(differs: weights: 'sha256:\w+' -> 'sha256:\w+'\)$"):
+        run(_cfg(tmp_path / "run", *args), Accelerator(cpu=True))

@@ -16,6 +16,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 def test_there_are_experiment_presets():
     assert {"demo", "qwen3_1.7b_base_w32k_k100", "qwen3.5_2b_base_w32k_k50"} <= set(EXPERIMENTS)
+    assert {"demo_adapt", "adapt_qwen3_1.7b", "adapt_qwen3.5_2b"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -23,7 +24,15 @@ def test_every_experiment_composes_into_a_typed_config(name):
     cfg = compose([f"experiment={name}"])
     assert isinstance(cfg, RunConfig)
     assert cfg.layers and cfg.model.name_or_path and cfg.data.dataset
-    assert cfg.stages == list(Stage)
+    if Stage.adapt in cfg.stages:  # adaptation presets: every stage, starting from a release
+        assert cfg.stages == list(Stage) and cfg.init_from
+    else:
+        assert cfg.stages == [Stage.cache, Stage.fit, Stage.evaluate, Stage.export]
+
+
+def test_adapt_without_a_source_is_refused():
+    with pytest.raises(ValueError, match="stages has adapt, which compares against the source SAEs: set init_from"):
+        compose(["experiment=demo", "stages=[fit,evaluate,adapt]"])
 
 
 @pytest.mark.parametrize("group", ["model", "sae", "data", "trainer"])

@@ -255,3 +255,35 @@ def test_real_sparsify_checkpoint_round_trips(tmp_path):
         assert torch.equal(z != 0, want["z"] != 0)
         torch.testing.assert_close(z, want["z"], atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(sae.decode(z), want["x_hat"], atol=1e-4, rtol=1e-5)
+
+
+def test_a_sparsify_run_is_evaluated_on_the_model_directly(fixtures_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from qscope_train.cli import compose
+    from qscope_train.pipeline import run
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2):
+        weights = {
+            "encoder.weight": torch.randn(256, 64, generator=g) / 8,
+            "encoder.bias": torch.zeros(256),
+            "W_dec": torch.nn.functional.normalize(torch.randn(256, 64, generator=g), dim=1),
+            "b_dec": torch.zeros(64),
+        }
+        write_hookpoint(tmp_path / "sparsify" / f"layers.{n}", sparsify_cfg(d_in=64, num_latents=256, k=8), weights)
+    cfg = compose(
+        [
+            "experiment=demo",
+            f"run_dir={tmp_path / 'run'}",
+            "stages=[evaluate]",
+            f"evaluate.saes={tmp_path / 'sparsify'}",
+            "evaluate.downstream_tokens=1024",
+            "data.eval_tokens=4096",
+            "data.shard_tokens=4096",
+        ]
+    )
+    result = run(cfg, Accelerator(cpu=True))
+    for n in ("1", "2"):
+        m = result["sets"]["given"]["layers"][n]
+        assert m["l0"] <= 8 and 0 < m["fvu"] and m["delta_ce"] > 0
