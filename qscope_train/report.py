@@ -12,6 +12,12 @@ from .fsutil import atomic_write_text
 SET_LABELS = {"trained": "trained", "source": "source (before)", "given": "evaluated SAEs"}
 
 
+def _label(set_name: str, sets: dict) -> str:
+    if set_name == "trained" and "source" in sets:
+        return "adapted (after)"
+    return SET_LABELS.get(set_name, set_name)
+
+
 def _pyplot():
     import matplotlib
 
@@ -43,12 +49,13 @@ def _per_layer_plot(out: Path, name: str, sets: dict[str, dict], key: str, title
     for set_name, layers in sets.items():
         xs = sorted(n for n, m in layers.items() if key in m)
         if xs:
-            ax.plot(xs, [layers[n][key] * scale for n in xs], marker="o", label=SET_LABELS.get(set_name, set_name))
+            ax.plot(xs, [layers[n][key] * scale for n in xs], marker="o", label=_label(set_name, sets))
             plotted = True
     if not plotted:
         plt.close(fig)
         return None
     ax.set_title(title)
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer n (residual stream after block n)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -67,7 +74,7 @@ def _firing_plot(out: Path, sets: dict[str, dict]) -> str:
             if n not in per:
                 continue
             h = per[n]["firing_hist"]
-            label = f"{SET_LABELS.get(set_name, set_name)} ({h['never']} never fired)"
+            label = f"{_label(set_name, sets)} ({h['never']} never fired)"
             ax.stairs(h["counts"], h["log10_edges"], label=label)
         n_tokens = max(per[n]["n_tokens"] for per in sets.values() if n in per)
         ax.set_xlim(math.floor(-math.log10(max(n_tokens, 1))) - 0.25, 0.1)  # 1 / n_tokens is the rarest possible
@@ -105,7 +112,7 @@ def write_eval_report(out: Path, result: dict) -> Path:
     ]
     lines = [f"# Evaluation on `{result['model']}`", "", *_eval_preamble(result), ""]
     for name, per in sets.items():
-        lines += [f"## {SET_LABELS.get(name, name)}: `{result['sets'][name]['source']}`", "", *_metrics_table(per), ""]
+        lines += [f"## {_label(name, sets)}: `{result['sets'][name]['source']}`", "", *_metrics_table(per), ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
 

@@ -23,7 +23,7 @@ from .downstream import downstream_metrics
 from .errors import InputError, MissingInputError
 from .evaluate import Evaluator, scalar_metrics
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
-from .lm import load_lm
+from .lm import LoadedLM, load_lm
 from .reader import eval_rows, live_chunks
 from .report import write_adapt_report, write_eval_report
 from .rundir import RunDirs, cache_manifest, fit_file
@@ -71,28 +71,7 @@ def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> d
         name: {n: Evaluator(sae, device, EVAL_BATCH, e.dense_threshold) for n, sae in saes.items()}
         for name, (_, saes) in sets.items()
     }
-    use_cache = cfg.data.source is ActivationSource.cache and (dirs.cache / shards.MANIFEST).is_file()
-    lm = None
-    if use_cache:
-        manifest = cache_manifest(cfg, dirs)
-        _check_width(sets, manifest["d_model"], manifest["model"])
-        for n in cfg.layers:
-            for x in eval_rows(dirs.cache, manifest, n, EVAL_BATCH):
-                for per in evals.values():
-                    per[n].update(x)
-        filters = {str(n): manifest["splits"]["eval"]["layers"][str(n)]["filters"] for n in cfg.layers}
-        heldout = f"{manifest['splits']['eval']['tokens']:,} sequence tokens of the cache's held-out split"
-    else:
-        lm = load_lm(cfg.model, device)
-        _check_width(sets, lm.d_model, lm.name)
-        counts = {n: FilterCounts() for n in cfg.layers}
-        for chunk in live_chunks(lm, cfg.layers, cfg.data, "eval", device, full=True):
-            for n, x in chunk.rows.items():
-                counts[n].add(chunk.counts[n])
-                for per in evals.values():
-                    per[n].update(x)
-        filters = {str(n): asdict(c) for n, c in counts.items()}
-        heldout = f"{counts[cfg.layers[0]].seen:,} sequence tokens of the held-out split, run live"
+    filters, heldout, lm = _feed_heldout(cfg, dirs, sets, evals, device)
     metrics = {name: {n: ev.result() for n, ev in per.items()} for name, per in evals.items()}
     downstream = "skipped (evaluate.downstream_tokens=0)"
     if e.downstream_tokens:
@@ -126,6 +105,32 @@ def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> d
     report = write_eval_report(dirs.eval, result)
     print(f"evaluate: {dirs.eval / 'eval.json'}, report {report}")
     return result
+
+
+def _feed_heldout(
+    cfg: RunConfig, dirs: RunDirs, sets: dict, evals: dict, device
+) -> tuple[dict, str, Optional[LoadedLM]]:
+    """Feed every evaluator the held-out rows: from the cache when this run has one, else from the model.
+    Returns the filter counts per layer, a line saying where the rows came from, and the model if loaded."""
+    if cfg.data.source is ActivationSource.cache and (dirs.cache / shards.MANIFEST).is_file():
+        manifest = cache_manifest(cfg, dirs)
+        _check_width(sets, manifest["d_model"], manifest["model"])
+        for n in cfg.layers:
+            for x in eval_rows(dirs.cache, manifest, n, EVAL_BATCH):
+                for per in evals.values():
+                    per[n].update(x)
+        filters = {str(n): manifest["splits"]["eval"]["layers"][str(n)]["filters"] for n in cfg.layers}
+        return filters, f"{manifest['splits']['eval']['tokens']:,} sequence tokens of the cache's held-out split", None
+    lm = load_lm(cfg.model, device)
+    _check_width(sets, lm.d_model, lm.name)
+    counts = {n: FilterCounts() for n in cfg.layers}
+    for chunk in live_chunks(lm, cfg.layers, cfg.data, "eval", device, full=True):
+        for n, x in chunk.rows.items():
+            counts[n].add(chunk.counts[n])
+            for per in evals.values():
+                per[n].update(x)
+    filters = {str(n): asdict(c) for n, c in counts.items()}
+    return filters, f"{counts[cfg.layers[0]].seen:,} sequence tokens of the held-out split, run live", lm
 
 
 def _torch_bytes(obj) -> bytes:
