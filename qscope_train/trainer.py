@@ -24,6 +24,27 @@ from .losses import fvu
 from .sae import SparseCode, TopKSAE
 
 
+def keep_freed_memory_on_cpu() -> bool:
+    """Ask glibc to serve every allocation from its heap and keep freed memory there.
+
+    By default glibc maps each block above 32 MiB fresh from the OS and unmaps it on free, so every
+    CPU training step page-faults its (B, d_sae) pre-activations and (d_sae, d_model) gradients in
+    again: 10-20 % of a step at d_sae 16384 (docs/BENCHMARKS.md). Process-wide; a no-op where the C
+    library is not glibc. Returns whether it took effect.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def default_lr(d_sae: int) -> float:
     """2e-4 / sqrt(d_sae / 2^14): the scaling law of Gao et al. (2024) for TopK SAEs."""
     return 2e-4 / math.sqrt(d_sae / 2**14)
@@ -58,12 +79,22 @@ def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int, reduc
 
     Its gradient reaches W_dec (dead rows) and, through the sparse gather, W_enc and b_enc.
     """
-    dead_idx = dead_F.nonzero().squeeze(1)
+    n_dead = int(dead_F.sum())
+    k_aux = min(k_aux, n_dead)
     with torch.no_grad():
-        pre = out.pre_BF.index_select(1, dead_idx)
+        pre = out.pre_BF
         if sae.activation is Activation.relu_topk:
             pre = torch.relu(pre)
-        idx_BA = dead_idx[pre.topk(min(k_aux, dead_idx.numel()), dim=-1, sorted=False).indices]
+        if n_dead == sae.d_sae:  # every latent dead: select straight from the pre-activations, no copy
+            idx_BA = pre.topk(k_aux, dim=-1, sorted=False).indices
+        elif 4 * n_dead >= sae.d_sae:
+            # many dead: masking live columns is one streaming pass; gathering the dead columns of a
+            # (B, d_sae) matrix is several times slower
+            low = -1.0 if sae.activation is Activation.relu_topk else float("-inf")  # below every dead value
+            idx_BA = pre.masked_fill(~dead_F, low).topk(k_aux, dim=-1, sorted=False).indices
+        else:
+            dead_idx = dead_F.nonzero().squeeze(1)
+            idx_BA = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices]
     vals_BA = sae.code_with_grad(x_BD, out.pre_BF, idx_BA)
     e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False)
     return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD, reduce)
@@ -209,6 +240,8 @@ def fit(
     `batches` is iterated once; if it has state_dict()/load_state_dict() its position is checkpointed.
     Returns a per-layer summary (tokens, final FVU, dead fraction).
     """
+    if torch.device(device).type == "cpu":
+        keep_freed_memory_on_cpu()
     states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
     ckpt = checkpoints.latest() if checkpoints else None
     start = 0

@@ -20,7 +20,7 @@ import torch
 
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
-from qscope_train.trainer import new_state, train_step
+from qscope_train.trainer import keep_freed_memory_on_cpu, new_state, train_step
 
 
 def main() -> None:
@@ -35,9 +35,14 @@ def main() -> None:
     p.add_argument("--auxk-all-dead", action="store_true", help="every latent dead on every step (AuxK's worst case)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's allocator as it is (fit changes it on CPUs)"
+    )
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
+    if not a.default_malloc:
+        keep_freed_memory_on_cpu()  # what trainer.fit does on a CPU
     torch.manual_seed(a.seed)
     total = a.warmup + a.steps
     batches = [torch.randn(a.batch, a.d_model) for _ in range(total)]

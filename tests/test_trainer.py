@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qscope_train.config import TrainerConfig
+from qscope_train.config import Activation, TrainerConfig
 from qscope_train.losses import fvu
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
@@ -45,19 +45,24 @@ def _dense_loss_with_auxk(sae: TopKSAE, x, dead, k_aux, coef):
     return fvu(x, x_hat) + coef * fvu(e, e_hat)
 
 
-def _sae_with_dead(seed=0):
+def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
     torch.manual_seed(seed)
-    sae = TopKSAE(16, 128, 8)
+    sae = TopKSAE(16, 128, 8, activation)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
     dead = torch.zeros(128, dtype=torch.bool)
-    dead[torch.randperm(128)[:40]] = True
+    dead[torch.randperm(128)[:n_dead]] = True
     return sae, dead
 
 
-def test_auxk_gradients_equal_the_dense_reference_for_every_parameter():
-    sae, dead = _sae_with_dead()
+# auxk_loss selects dead latents three ways: gathered columns (few dead), masked (many), unmasked (all)
+DEAD_COUNTS = [10, 40, 128]
+
+
+@pytest.mark.parametrize("n_dead", DEAD_COUNTS)
+def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead):
+    sae, dead = _sae_with_dead(n_dead=n_dead)
     x = torch.randn(64, 16)
     out = sae(x)
     (fvu(x, out.x_hat_BD) + 0.25 * auxk_loss(sae, x, out, dead, 6)).backward()
@@ -68,11 +73,13 @@ def test_auxk_gradients_equal_the_dense_reference_for_every_parameter():
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_auxk_alone_trains_the_encoder_and_decoder_of_dead_latents():
-    sae, dead = _sae_with_dead(1)
+@pytest.mark.parametrize("activation", list(Activation))
+@pytest.mark.parametrize("n_dead", DEAD_COUNTS)
+def test_auxk_alone_trains_the_encoder_and_decoder_of_dead_latents(n_dead, activation):
+    sae, dead = _sae_with_dead(1, n_dead, activation)
     x = torch.randn(64, 16)
     out = sae(x)
-    auxk_loss(sae, x, out, dead, 6).backward()
+    auxk_loss(sae, x, out, dead, 12).backward()
     for name in ("W_enc", "b_enc", "W_dec_FD"):
         g = getattr(sae, name).grad
         rows = g.abs().reshape(128, -1).sum(1)
@@ -171,3 +178,28 @@ def test_gradient_clipping_bounds_the_step():
         train_step(state, x[:256], cfg)
         steps[clip] = seen[0].item()
     assert steps[1e-3] <= 1e-3 * 1.0001 < steps[None]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_again(keep):
+    """A freed 256 MiB tensor, allocated again and again: glibc's default unmaps and re-faults it page by page."""
+    import subprocess
+    import sys
+
+    code = f"""
+import resource, torch
+from qscope_train.trainer import keep_freed_memory_on_cpu
+if {keep}:
+    assert keep_freed_memory_on_cpu()
+for _ in range(3):  # glibc settles within the first steps (measured: the third allocation onwards)
+    torch.ones(64 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    torch.ones(64 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    if keep:
+        assert faults < 1000
+    else:
+        assert faults > 500  # the default allocator (4 KiB pages: 65,536; huge pages: 128 or more)
