@@ -229,6 +229,9 @@ class TrainerConfig:
     """Checkpoints kept on disk (the newest ones)."""
     seed: int = 0
     """Seed for initialisation and batch order."""
+    layer_sharding: bool = False
+    """With several processes: each one trains its share of the layers (layers[rank::world]) on full
+    batches and exchanges nothing, instead of all of them splitting every batch (data parallel)."""
     log_every: int = 20
     """Steps between log lines (JSONL, progress bar, wandb)."""
 

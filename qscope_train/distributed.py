@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+_LOCAL = False  # inside local(): this process trains alone, whatever the launcher started
+
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _LOCAL and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextmanager
+def local() -> Iterator[None]:
+    """Within the block every helper acts as for one process (no collectives): layer-sharded training,
+    where each rank owns whole SAEs and nothing is exchanged."""
+    global _LOCAL
+    before, _LOCAL = _LOCAL, True
+    try:
+        yield
+    finally:
+        _LOCAL = before
 
 
 def world() -> int:

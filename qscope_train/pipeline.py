@@ -9,12 +9,13 @@ run_dir/         adapt.json + report.md + *.png                       (adapt: be
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import __version__, release
+from . import __version__, distributed, release
 from .cache import build_cache
 from .config import ActivationSource, RunConfig, Stage, to_plain
 from .errors import ConfigError, InputError
@@ -32,7 +33,8 @@ from .trainer import Checkpoints, fit
 def run(cfg: RunConfig, accelerator) -> dict:
     """Run the configured stages; returns the evaluation result (eval.json's content; empty if not evaluated)."""
     world = accelerator.num_processes
-    if world > 1 and Stage.fit in cfg.stages and cfg.trainer.batch_size % world:
+    data_parallel = world > 1 and not cfg.trainer.layer_sharding
+    if data_parallel and Stage.fit in cfg.stages and cfg.trainer.batch_size % world:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} must divide evenly over {world} processes")
     dirs = RunDirs(Path(cfg.run_dir))
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
@@ -100,39 +102,33 @@ def cache_summary(manifest: dict, root: Path) -> str:
 
 def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[int, dict]:
     """Data parallel over the launched processes: rank r reads its own shards (or live chunks) and
-    batch_size / world rows per step; gradients and dead-latent counts are summed over ranks."""
+    batch_size / world rows per step; gradients and dead-latent counts are summed over ranks.
+
+    With trainer.layer_sharding, rank r instead trains layers[r::world] alone, on full batches of all
+    shards, and writes their files itself; the main process logs its own layers."""
     t, device = cfg.trainer, accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    local_batch = t.batch_size // world
+    sharded = t.layer_sharding and world > 1
+    if sharded and world > len(cfg.layers):
+        raise ConfigError(f"trainer.layer_sharding: {world} processes for {len(cfg.layers)} layers leaves some idle")
+    layers = cfg.layers[rank::world] if sharded else list(cfg.layers)
+    r_read, w_read = (0, 1) if sharded else (rank, world)  # who splits the activation stream
+    local_batch = t.batch_size // w_read
     if cfg.data.source is ActivationSource.live:
         lm = load_lm(cfg.model, device)
         d_model, model_name = lm.d_model, lm.name
-        batches = live_batches(lm, cfg.layers, local_batch, cfg.data, t.seed, device, rank=rank, world=world)
+        batches = live_batches(lm, layers, local_batch, cfg.data, t.seed, device, rank=r_read, world=w_read)
         steps = t.max_steps or max(1, cfg.data.train_tokens // t.batch_size)
     else:
         manifest = cache_manifest(cfg, dirs)
         d_model, model_name = manifest["d_model"], manifest["model"]
-        few = [n for n in cfg.layers if len(manifest["splits"]["train"]["layers"][str(n)]["shards"]) < world]
-        if few:
-            raise InputError(
-                f"layers {few} have fewer training shards than the {world} processes: cache more tokens "
-                "(data.train_tokens) or smaller shards (data.shard_tokens), or launch fewer processes"
-            )
-        rows = min(manifest["splits"]["train"]["layers"][str(n)]["rows"] for n in cfg.layers)
-        if rows < t.batch_size:
-            raise InputError(
-                f"the cached training split has {rows:,} rows on its smallest layer, fewer than one batch "
-                f"(trainer.batch_size={t.batch_size}): cache more tokens (data.train_tokens) or lower the batch size"
-            )
-        steps = t.max_steps or max(1, rows // t.batch_size)
-        batches = cached_batches(
-            dirs.cache, manifest, cfg.layers, local_batch, cfg.data, t.seed, rank=rank, world=world
-        )
-    saes = initial_saes(cfg, d_model)
-    if t.k_start is not None and not saes[cfg.layers[0]].k < t.k_start <= saes[cfg.layers[0]].d_sae:
-        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[cfg.layers[0]].k}) and d_sae")
+        steps = t.max_steps or _cached_steps(manifest, cfg, w_read)
+        batches = cached_batches(dirs.cache, manifest, layers, local_batch, cfg.data, t.seed, rank=r_read, world=w_read)
+    saes = initial_saes(cfg, d_model, layers)
+    if t.k_start is not None and not saes[layers[0]].k < t.k_start <= saes[layers[0]].d_sae:
+        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[layers[0]].k}) and d_sae")
     fingerprint = {
-        "layers": list(cfg.layers),
+        "layers": layers,
         "sae": to_plain(cfg.sae),
         "trainer": {
             k: v for k, v in to_plain(t).items() if k not in ("checkpoint_every", "keep_checkpoints", "log_every")
@@ -145,38 +141,57 @@ def fit_stage(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> d
         "cache": None if cfg.data.source is ActivationSource.live else manifest["fingerprint"],
         "world": world,
     }
-    ckpts = Checkpoints(dirs.fit / "checkpoints", t.checkpoint_every, t.keep_checkpoints, fingerprint)
-    summary = fit(
-        saes,
-        batches,
-        t,
-        steps,
-        device,
-        lambda s, m: tracker.log("fit", s, m),
-        tracker.progress,
-        init_b_dec=cfg.init_from is None,
-        checkpoints=ckpts,
-    )
-
-    if not accelerator.is_main_process:
-        return summary
-    for n, sae in saes.items():
-        release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
-        release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))
+    ckpt_dir = dirs.fit / "checkpoints" / (f"rank{rank}-of-{world}" if sharded else "")
+    ckpts = Checkpoints(ckpt_dir, t.checkpoint_every, t.keep_checkpoints, fingerprint)
+    with distributed.local() if sharded else nullcontext():
+        summary = fit(
+            saes,
+            batches,
+            t,
+            steps,
+            device,
+            lambda s, m: tracker.log("fit", s, m),
+            tracker.progress,
+            init_b_dec=cfg.init_from is None,
+            checkpoints=ckpts,
+        )
+    if sharded or accelerator.is_main_process:
+        for n, sae in saes.items():
+            release.save_tensors(dirs.fit / release.layer_filename(n), sae.to_release())
+            release.write_sidecar(dirs.fit / f"layer{n}.json", layer_meta(cfg, model_name, n, sae, summary[n]))
     return summary
 
 
-def initial_saes(cfg: RunConfig, d_model: int) -> dict[int, TopKSAE]:
-    """Fresh SAEs (unit-norm random decoder, tied encoder), or the release named by init_from."""
+def _cached_steps(manifest: dict, cfg: RunConfig, readers: int) -> int:
+    """One pass over the smallest layer's training rows (the same for every rank and every sharding)."""
+    train = manifest["splits"]["train"]["layers"]
+    few = [n for n in cfg.layers if len(train[str(n)]["shards"]) < readers]
+    if few:
+        raise InputError(
+            f"layers {few} have fewer training shards than the {readers} processes: cache more tokens "
+            "(data.train_tokens) or smaller shards (data.shard_tokens), or launch fewer processes"
+        )
+    rows = min(train[str(n)]["rows"] for n in cfg.layers)
+    if rows < cfg.trainer.batch_size:
+        raise InputError(
+            f"the cached training split has {rows:,} rows on its smallest layer, fewer than one batch "
+            f"(trainer.batch_size={cfg.trainer.batch_size}): cache more tokens (data.train_tokens) or lower the batch size"
+        )
+    return max(1, rows // cfg.trainer.batch_size)
+
+
+def initial_saes(cfg: RunConfig, d_model: int, layers: Optional[list[int]] = None) -> dict[int, TopKSAE]:
+    """Fresh SAEs (unit-norm random decoder, tied encoder; layer n from seed + n, so a layer starts the
+    same whichever other layers train beside it), or the release named by init_from."""
+    layers = list(cfg.layers) if layers is None else layers
     if cfg.init_from is None:
-        g = torch.Generator().manual_seed(cfg.trainer.seed)
         saes = {}
-        for n in cfg.layers:
+        for n in layers:
             saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
-            saes[n].init_weights_(generator=g)
+            saes[n].init_weights_(generator=torch.Generator().manual_seed(cfg.trainer.seed + n))
         return saes
     saes = {}
-    for n in cfg.layers:
+    for n in layers:
         sae = release.load_sae(
             cfg.init_from, layer=n, revision=cfg.init_from_revision, default_activation=cfg.sae.activation
         )
@@ -186,7 +201,7 @@ def initial_saes(cfg: RunConfig, d_model: int) -> dict[int, TopKSAE]:
                 f"has d_model {d_model}: the SAE was trained on another model"
             )
         saes[n] = sae
-    first = saes[cfg.layers[0]]
+    first = saes[layers[0]]
     if (first.d_sae, first.k) != (cfg.sae.d_sae, cfg.sae.k):
         print(f"init_from: using the checkpoint's d_sae={first.d_sae}, k={first.k} (sae.* settings ignored)")
     return saes

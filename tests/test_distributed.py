@@ -73,6 +73,48 @@ def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(f
     assert res.stdout.count("layer      FVU") == 1  # only the main process reports
 
 
+def test_layer_sharded_fit_on_two_processes_equals_one_process(fixtures_dir, tmp_path):
+    import json
+    import shutil
+
+    env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    common = [
+        "experiment=demo",
+        "data.train_tokens=32768",
+        "data.eval_tokens=4096",
+        "data.shard_tokens=2048",
+        "trainer.batch_size=256",
+        "trainer.max_steps=15",
+        "trainer.checkpoint_every=10",
+        "trainer.dead_after_tokens=1024",  # AuxK runs in most steps
+    ]
+    exe = str(Path(sys.executable).with_name("qscope-train"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([exe, *common, f"run_dir={one}", "stages=[cache]"], env=env, check=True, capture_output=True)
+    shutil.copytree(one / "cache", two / "cache")
+    subprocess.run([exe, *common, f"run_dir={one}", "stages=[fit]"], env=env, check=True, capture_output=True)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    res = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29549", "-m", "qscope_train.cli", *common]
+        + [f"run_dir={two}", "stages=[fit,export]", "trainer.layer_sharding=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    for n in (1, 2):
+        want = torch.load(one / "fit" / f"layer{n}.sae.pt", weights_only=True)
+        got = torch.load(two / "fit" / f"layer{n}.sae.pt", weights_only=True)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"layer {n} {key}")
+        side = json.loads((two / "fit" / f"layer{n}.json").read_text())
+        assert side["train"]["tokens_trained"] == 15 * 256  # full batches on the owning rank
+    # each rank checkpointed its own layers, and the main process exported both
+    assert sorted(p.name for p in (two / "fit" / "checkpoints").iterdir()) == ["rank0-of-2", "rank1-of-2"]
+    assert (two / "export" / "layer2.sae.pt").is_file()
+
+
 def test_accelerate_launch_profiles_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
