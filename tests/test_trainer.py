@@ -191,7 +191,7 @@ import resource, torch
 from qscope_train.trainer import keep_freed_memory_on_cpu
 if {keep}:
     assert keep_freed_memory_on_cpu()
-for _ in range(3):  # glibc settles within the first steps (measured: the third allocation onwards)
+for _ in range(8):  # glibc settles within the first steps (measured: from the 2nd to the 4th allocation on)
     torch.ones(64 << 20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(2):
