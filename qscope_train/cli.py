@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +17,9 @@ from .config import RunConfig, register_configs
 from .errors import QScopeError
 
 CONFIG_MODULE = "qscope_train.configs"
+# Ranks wait at barriers while others finish their share of the cache or of the layers; after a
+# resume one rank may have far more left than another, so wait hours, not NCCL's default minutes.
+BARRIER_TIMEOUT = timedelta(hours=6)
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -33,15 +37,32 @@ def compose(overrides: Sequence[str] = ()) -> RunConfig:
         return to_run_config(hydra_compose("config", overrides=list(overrides)))
 
 
+def make_accelerator():
+    """The run's one Accelerator, with the long barrier timeout."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=BARRIER_TIMEOUT)])
+
+
+def _leave_together(accelerator) -> None:
+    """All ranks tear the process group down together: a rank leaving while another still writes its
+    files can abort the gloo or NCCL teardown (seen about once in six 2-process CPU runs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    from accelerate import Accelerator
-
     from .pipeline import run
 
     try:
         run_cfg = to_run_config(cfg)
-        run(run_cfg, Accelerator())
+        accelerator = make_accelerator()
+        run(run_cfg, accelerator)
+        _leave_together(accelerator)
     except QScopeError as e:  # the user's input: one line, no traceback (QSCOPE_DEBUG=1 shows it)
         if os.environ.get("QSCOPE_DEBUG"):
             raise

@@ -122,3 +122,12 @@ def test_accelerate_launch_profiles_load():
     assert [p.stem for p in profiles] == ["multi_gpu", "multi_node", "single_gpu"]
     procs = {p.stem: load_config_from_file(str(p)).num_processes for p in profiles}
     assert procs == {"multi_gpu": 8, "multi_node": 16, "single_gpu": 1}
+
+
+def test_the_accelerator_waits_hours_at_barriers():
+    from datetime import timedelta
+
+    from qscope_train.cli import make_accelerator
+
+    acc = make_accelerator()
+    assert acc.init_handler is not None and acc.init_handler.timeout >= timedelta(hours=1)
