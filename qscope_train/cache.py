@@ -22,7 +22,7 @@ import torch
 
 from . import shards
 from .activations import ChunkRows, FilterCounts, RunningMedian, chunked, forward_chunk, make_filter
-from .config import DataConfig, to_plain
+from .config import DataConfig, fingerprint_diff, to_plain
 from .errors import InputError
 from .fsutil import atomic_write_json, read_json
 from .lm import LoadedLM, weights_digest
@@ -59,19 +59,6 @@ def fingerprint(
         "data": data,
         "world": world,
     }
-
-
-def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> str:
-    """The settings that differ, as `key: cached -> asked`, nested keys joined by dots."""
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = fingerprint_diff(a, b, f"{prefix}{key}.")
-            parts += [inner] if inner else []
-        elif a != b:
-            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(parts)
 
 
 def plan(cfg: DataConfig) -> dict[str, range]:

@@ -345,6 +345,20 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The settings that differ between two fingerprints (cache, checkpoint), as `key: old -> new`, nested
+    keys joined by dots."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = fingerprint_diff(a, b, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif a != b:
+            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(parts)
+
+
 def register_configs() -> None:
     """Register the schema so that config.yaml's defaults list can start from it."""
     from hydra.core.config_store import ConfigStore

@@ -190,17 +190,8 @@ def initial_saes(cfg: RunConfig, d_model: int, layers: Optional[list[int]] = Non
             saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
             saes[n].init_weights_(generator=torch.Generator().manual_seed(cfg.trainer.seed + n))
         return saes
-    saes = {}
-    for n in layers:
-        sae = release.load_sae(
-            cfg.init_from, layer=n, revision=cfg.init_from_revision, default_activation=cfg.sae.activation
-        )
-        if sae.d_model != d_model:
-            raise InputError(
-                f"init_from={cfg.init_from!r} layer {n} has d_model {sae.d_model}, but {cfg.model.name_or_path!r} "
-                f"has d_model {d_model}: the SAE was trained on another model"
-            )
-        saes[n] = sae
+    saes = release.load_saes(cfg.init_from, layers, cfg.init_from_revision, cfg.sae.activation)
+    release.check_d_model(saes, f"init_from={cfg.init_from!r}", d_model, cfg.model.name_or_path)
     first = saes[layers[0]]
     if (first.d_sae, first.k) != (cfg.sae.d_sae, cfg.sae.k):
         print(f"init_from: using the checkpoint's d_sae={first.d_sae}, k={first.k} (sae.* settings ignored)")

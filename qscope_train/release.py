@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -205,6 +206,26 @@ def load_sae(
         side = read_sidecar(file) or {}
         activation = Activation(side.get("activation", default_activation.value))
     return TopKSAE.from_release(tensors, k, activation)
+
+
+def load_saes(
+    source: str | Path,
+    layers: Sequence[int],
+    revision: Optional[str] = None,
+    default_activation: Activation = Activation.topk,
+) -> dict[int, TopKSAE]:
+    """load_sae for each layer of one source (release directory, hub repo id or sparsify run)."""
+    return {n: load_sae(source, layer=n, revision=revision, default_activation=default_activation) for n in layers}
+
+
+def check_d_model(saes: dict[int, TopKSAE], source: str | Path, d_model: int, model: str) -> None:
+    """Refuse SAEs whose d_model is not the model's: they were trained on another model."""
+    for n, sae in saes.items():
+        if sae.d_model != d_model:
+            raise InputError(
+                f"{source} layer {n} has d_model {sae.d_model}, but {model!r} has d_model {d_model}: "
+                "the SAE was trained on another model"
+            )
 
 
 def source_model(source: str | Path, layer: int, revision: Optional[str] = None) -> Optional[str]:

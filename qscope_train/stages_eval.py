@@ -40,8 +40,7 @@ def sae_sets(cfg: RunConfig, dirs: RunDirs) -> dict[str, tuple[str, dict[int, To
     e = cfg.evaluate
 
     def load(source: str, revision: Optional[str]) -> dict[int, TopKSAE]:
-        act = cfg.sae.activation
-        return {n: release.load_sae(source, layer=n, revision=revision, default_activation=act) for n in cfg.layers}
+        return release.load_saes(source, cfg.layers, revision, cfg.sae.activation)
 
     if e.saes is not None:
         return {"given": (e.saes, load(e.saes, e.saes_revision))}
@@ -54,12 +53,7 @@ def sae_sets(cfg: RunConfig, dirs: RunDirs) -> dict[str, tuple[str, dict[int, To
 
 def _check_width(sets: dict, d_model: int, model: str) -> None:
     for source, saes in sets.values():
-        for n, sae in saes.items():
-            if sae.d_model != d_model:
-                raise InputError(
-                    f"{source} layer {n} has d_model {sae.d_model}, but {model!r} has d_model {d_model}: "
-                    "the SAE belongs to another model"
-                )
+        release.check_d_model(saes, source, d_model, model)
 
 
 def evaluate_stage(cfg: RunConfig, dirs: RunDirs, device, tracker: Tracker) -> dict:

@@ -160,10 +160,11 @@ def train_lm_(model, blocks, steps: int, lr: float, seed: int, batch: int = 16) 
 
 def build_models(
     tokenizer, out: Path, texts: list[str], chats: list[list[dict]], seed: int = 0, train_steps: int = 150
-) -> dict[str, Path]:
+) -> tuple[dict[str, Path], dict[str, float]]:
     """tiny-qwen3 (Qwen3ForCausalLM, pretrained on the text corpus), tiny-qwen3-chat (that model post-trained
     on chat conversations), tiny-qwen3_5 (hybrid linear/full attention, text only, random) and
-    tiny-qwen3_5-vl (Qwen3_5ForConditionalGeneration with a one-block vision tower, random)."""
+    tiny-qwen3_5-vl (Qwen3_5ForConditionalGeneration with a one-block vision tower, random).
+    Returns their paths and the last training loss of the two trained models."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.models.qwen3_5 import (

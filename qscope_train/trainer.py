@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import distributed
-from .config import Activation, TrainerConfig
+from .config import Activation, TrainerConfig, fingerprint_diff
 from .errors import InputError, QScopeError
 from .fsutil import atomic_write, atomic_write_json
 from .losses import fvu
@@ -178,7 +178,7 @@ class Checkpoints:
         if ckpt["fingerprint"] != self.fingerprint:
             raise InputError(
                 f"{files[-1]} was written by a run with other settings; delete {self.dir} to start over "
-                f"(saved: {ckpt['fingerprint']}, now: {self.fingerprint})"
+                f"(differs: {fingerprint_diff(ckpt['fingerprint'], self.fingerprint)})"
             )
         return ckpt
 
