@@ -29,12 +29,12 @@ from .lm import LoadedLM, weights_digest
 from .shards import Codec
 from .tokens import StreamState, load_text_dataset, token_stream
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: shards carry zstd's content checksum (Codec.frame_checksum)
 SPLITS = ("eval", "train")
 
 
 def codec_for(cfg: DataConfig) -> Codec:
-    return Codec(cfg.cache_dtype.value, cfg.byte_split, cfg.zstd_level)
+    return Codec(cfg.cache_dtype.value, cfg.byte_split, cfg.zstd_level, frame_checksum=True)
 
 
 def fingerprint(
@@ -47,7 +47,7 @@ def fingerprint(
     weights: str | None = None,
 ) -> dict:
     """Everything that decides the cached bytes; a cache is reused or resumed only when this matches."""
-    reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt"}
+    reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt", "verify_shards"}
     data = {k: v for k, v in to_plain(cfg).items() if k not in reader_only}
     return {
         "format": CACHE_FORMAT,
@@ -130,7 +130,7 @@ class _Progress:
 
 def _write_chunk(root: Path, c: int, split: str, chunk: ChunkRows, codec: Codec, store_tokens: bool) -> dict:
     entry = {"chunk": c, "split": split, "sequences": int(chunk.input_ids.shape[0]), "layers": {}}
-    ids_codec = Codec("int32", False, codec.level)
+    ids_codec = Codec("int32", False, codec.level, codec.frame_checksum)
     for n, rows in chunk.rows.items():
         rec = shards.write_shard(root, f"{split}/layer{n}/shard-{c:06d}.zst", rows, codec)
         entry["layers"][str(n)] = {"shard": asdict(rec), "filters": asdict(chunk.counts[n])}

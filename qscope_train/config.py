@@ -66,6 +66,13 @@ class OnCorrupt(Enum):
     skip = "skip"  # warn, leave the shard out, and go on
 
 
+class Verify(Enum):
+    """How a reader checks a shard before using its rows (the size is always checked)."""
+
+    frame = "frame"  # zstd's content checksum, checked while decoding (sha256 for shards without one)
+    sha256 = "sha256"  # sha256 of the whole file against the manifest, then decode (and the frame checksum)
+
+
 class WandbMode(Enum):
     disabled = "disabled"
     offline = "offline"
@@ -162,6 +169,8 @@ class DataConfig:
     """Background threads that read and decompress shards ahead of the trainer."""
     on_corrupt: OnCorrupt = OnCorrupt.error
     """What the reader does with a shard that fails its checksum: error, or skip with a warning."""
+    verify_shards: Verify = Verify.frame
+    """How the reader checks shards: frame (zstd's checksum, free while decoding) or sha256 (also hash the file)."""
 
     def __post_init__(self) -> None:
         for name in (

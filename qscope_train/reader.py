@@ -165,7 +165,7 @@ class CachedBlocks:
     def _load(self, rec: shards.ShardRecord) -> Tensor:
         """Runs on a reader thread: verify and decompress into byte planes. No torch compute happens here:
         torch ops on several Python threads at once fight over the intra-op pool and run slower."""
-        return shards.read_shard_planes(self.root, rec, self.width, self.codec)
+        return shards.read_shard_planes(self.root, rec, self.width, self.codec, self.cfg.verify_shards)
 
     def _result(self, fut) -> Tensor | None:
         try:

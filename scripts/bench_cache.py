@@ -6,7 +6,7 @@ filters, no writes) and the cache stage over the same tokens. The reader is time
 from those real activations (rows rescaled by 1 + 1% noise so that no two rows repeat), at two
 sizes 4x apart, each read in its own subprocess so that its peak RSS is its own.
 
-Usage: python scripts/bench_cache.py [--tokens 16384] [--threads 2]
+Usage: python scripts/bench_cache.py [--tokens 16384] [--threads 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -102,15 +102,28 @@ def scaled_cache(src: Path, manifest: dict, dst: Path, copies: int) -> Path:
     return dst
 
 
-def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float, dtype: str) -> dict:
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the process image, so it starts afresh at exec; getrusage's
+    ru_maxrss does not (Linux carries it across exec), and in a child started from the benchmark's parent
+    it would report the parent's peak, model and all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float, dtype: str, verify: str) -> dict:
     """Runs in a subprocess: read shuffled fp32 batches of one layer for `seconds`; rows/s and peak RSS."""
     from qscope_train import shards
-    from qscope_train.config import DataConfig
+    from qscope_train.config import DataConfig, Verify
     from qscope_train.reader import cached_batches
 
     torch.set_num_threads(threads)
     manifest = shards.read_manifest(cache)
-    cfg = DataConfig(dataset="-", reader_threads=threads)
+    cfg = DataConfig(dataset="-", reader_threads=threads, verify_shards=Verify(verify))
     out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     it = iter(cached_batches(cache, manifest, [layer], batch, cfg, seed=0, out_dtype=out_dtype))
     next(it)
@@ -120,7 +133,7 @@ def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float
     rate = rows / (time.perf_counter() - start)
     return {
         "rows_per_s": rate,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "cache_rows": manifest["splits"]["train"]["layers"][str(layer)]["rows"],
     }
 
@@ -134,13 +147,26 @@ def main() -> None:
     p.add_argument(
         "--reader-dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of the batches read"
     )
+    p.add_argument(
+        "--verify",
+        choices=["frame", "sha256"],
+        default="frame",
+        help="how the reader checks shards (data.verify_shards)",
+    )
+    p.add_argument("--workdir", type=Path, help="keep the model and caches here (default: a temporary directory)")
     p.add_argument("--_read", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._read:
         print(
             json.dumps(
                 read_bench(
-                    Path(args._read[0]), int(args._read[1]), 4096, args.threads, args.reader_seconds, args.reader_dtype
+                    Path(args._read[0]),
+                    int(args._read[1]),
+                    4096,
+                    args.threads,
+                    args.reader_seconds,
+                    args.reader_dtype,
+                    args.verify,
                 )
             )
         )
@@ -152,8 +178,8 @@ def main() -> None:
     from qscope_train.tracking import NullBar
 
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or Path(scratch)
         model_dir = build_model(tmp)
         lm = load_lm(ModelConfig(name_or_path=str(model_dir)))
         cfg = data_config(tmp / "fixtures" / "corpus.jsonl", args.tokens)
@@ -185,6 +211,8 @@ def main() -> None:
                     str(args.reader_seconds),
                     "--reader-dtype",
                     args.reader_dtype,
+                    "--verify",
+                    args.verify,
                 ],
                 capture_output=True,
                 text=True,
@@ -206,6 +234,7 @@ def main() -> None:
             "codec": manifest["codec"],
             "reader_batch": 4096,
             "reader_dtype": args.reader_dtype,
+            "verify_shards": args.verify,
         }
         print(json.dumps(out))
 

@@ -51,7 +51,7 @@ def lm(cached):
 def test_manifest_records_layout_tokens_and_drops(cached):
     cfg, root, m = cached
     assert m["layers"] == [1, 2] and m["d_model"] == 64 and m["context_len"] == 128
-    assert m["codec"] == {"dtype": "bfloat16", "byte_split": True, "level": 1}
+    assert m["codec"] == {"dtype": "bfloat16", "byte_split": True, "level": 1, "frame_checksum": True}
     assert m["splits"]["eval"]["chunks"] == [0, 1] and m["splits"]["train"]["chunks"] == list(range(2, 18))
     assert m["splits"]["train"]["tokens"] == 16384 and m["splits"]["eval"]["tokens"] == 2048
     for split in ("eval", "train"):

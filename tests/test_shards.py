@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from qscope_train import shards
+from qscope_train.config import Verify
 from qscope_train.shards import Codec, CorruptShardError
 
 
@@ -59,3 +60,49 @@ def test_missing_shard_is_named(tmp_path):
     (tmp_path / rec.file).unlink()
     with pytest.raises(CorruptShardError, match="shard-000000.zst is missing"):
         shards.read_shard(tmp_path, rec, 8, Codec())
+
+
+@pytest.mark.parametrize("verify", list(Verify))
+def test_no_damaged_bit_gives_wrong_rows(tmp_path, verify):
+    """Flip every bit of a shard in turn (frame header, blocks, stored checksum). sha256 mode refuses every
+    flip; frame mode refuses every flip that changes a decoded byte (a few bits zstd ignores, such as the
+    header's unused bit, leave the content intact and are let through)."""
+    codec = Codec(frame_checksum=True)
+    x = torch.randn(64, 8) * torch.rand(8) * 3
+    rec = shards.write_shard(tmp_path, "train/layer1/shard-000000.zst", x, codec)
+    path = tmp_path / rec.file
+    good, want = path.read_bytes(), x.to(torch.bfloat16)
+    assert torch.equal(shards.read_shard(tmp_path, rec, 8, codec, verify=verify), want)
+    refused = 0
+    for i in range(len(good)):
+        for bit in range(8):
+            bad = bytearray(good)
+            bad[i] ^= 1 << bit
+            path.write_bytes(bytes(bad))
+            try:
+                got = shards.read_shard(tmp_path, rec, 8, codec, verify=verify)
+            except CorruptShardError as e:
+                assert "shard-000000.zst is corrupt" in str(e)
+                refused += 1
+            else:
+                assert verify is Verify.frame and torch.equal(got, want), f"byte {i} bit {bit}"
+    assert refused >= (8 * len(good) if verify is Verify.sha256 else 8 * len(good) - 8)
+
+
+def test_frame_mode_uses_sha256_for_shards_without_a_frame_checksum(tmp_path):
+    """An old shard (no checksum in its frame) is still checked in frame mode: by its sha256."""
+    codec = Codec(frame_checksum=False)
+    rec = shards.write_shard(tmp_path, "train/layer1/shard-000000.zst", torch.randn(64, 8), codec)
+    path = tmp_path / rec.file
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # the last literal: without a frame checksum only the sha256 can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError, match="its sha256 is"):
+        shards.read_shard(tmp_path, rec, 8, codec, verify=Verify.frame)
+
+
+def test_frame_header_must_announce_a_checksum(tmp_path):
+    """A frame written without a checksum where the codec says there is one is refused, not read unchecked."""
+    rec = shards.write_shard(tmp_path, "train/layer1/shard-000000.zst", torch.randn(64, 8), Codec())
+    with pytest.raises(CorruptShardError, match="without a checksum"):
+        shards.read_shard(tmp_path, rec, 8, Codec(frame_checksum=True), verify=Verify.frame)
