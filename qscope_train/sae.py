@@ -38,23 +38,33 @@ class ForwardOutput(NamedTuple):
     pre_BF: Tensor  # dense pre-activations, without autograd history (for AuxK's selection)
 
 
-def sparse_rows_matmul(idx_BM: Tensor, vals_BM: Tensor, y_BD: Tensor, n_rows: int) -> Tensor:
-    """S @ y for S (n_rows, B) with S[idx[b, m], b] += vals[b, m]: the weight gradient of a sparse layer.
+class LatentMajor:
+    """The (row, slot) pairs of idx_BM (B, M) grouped by latent, built on first use and then shared.
 
-    Built as a CSR matrix, so the cost is B·M·D multiply-adds instead of a dense (n_rows, B) GEMM.
+    Per-latent weight gradients are sums over the rows that selected each latent; with the pairs
+    grouped by latent, embedding_bag computes them as one weighted gather-sum per latent, which on a
+    2-core CPU is ~1.6x faster than a CSR matmul and ~2.5x faster than embedding_bag's own dense
+    backward (docs/BENCHMARKS.md). The encoder and decoder of one code share one grouping (one sort).
     """
-    B, M = idx_BM.shape
-    flat = idx_BM.reshape(-1)
-    order = flat.argsort()
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=idx_BM.device)
-    crow[1:] = torch.bincount(flat, minlength=n_rows).cumsum(0)
-    cols = torch.div(order, M, rounding_mode="floor")
-    with warnings.catch_warnings():  # torch calls CSR support "beta"; the indices here are valid by construction
-        warnings.simplefilter("ignore", UserWarning)
-        S = torch.sparse_csr_tensor(
-            crow, cols, vals_BM.reshape(-1)[order].to(y_BD.dtype), size=(n_rows, B), check_invariants=False
-        )
-    return S @ y_BD
+
+    def __init__(self, idx_BM: Tensor, n_latents: int) -> None:
+        self.idx_BM, self.n_latents = idx_BM, n_latents
+        self._built: Optional[tuple[Tensor, Tensor, Tensor]] = None
+
+    def _build(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self._built is None:
+            flat = self.idx_BM.reshape(-1)
+            order = flat.argsort()
+            offsets = torch.zeros(self.n_latents, dtype=torch.int64, device=flat.device)
+            offsets[1:] = torch.bincount(flat, minlength=self.n_latents).cumsum(0)[:-1]
+            rows = torch.div(order, self.idx_BM.shape[-1], rounding_mode="floor")
+            self._built = (order, rows, offsets)
+        return self._built
+
+    def weighted_rows(self, w_BM: Tensor, y_BD: Tensor) -> Tensor:
+        """out[f] = sum over (b, m) with idx[b, m] = f of w[b, m] * y[b], shape (n_latents, D)."""
+        order, rows, offsets = self._build()
+        return F.embedding_bag(rows, y_BD, offsets, mode="sum", per_sample_weights=w_BM.reshape(-1)[order])
 
 
 class _GatherPre(torch.autograd.Function):
@@ -62,21 +72,55 @@ class _GatherPre(torch.autograd.Function):
     reaches W_enc and b_enc only through the gathered entries (no dense (B, d_sae) gradient)."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
-        ctx.save_for_backward(x_BD, idx_BM)
-        ctx.d_sae = W_enc.shape[0]
-        return pre_BF.gather(-1, idx_BM)
+    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, pre_BF: Tensor, pairs: LatentMajor) -> Tensor:
+        ctx.save_for_backward(x_BD)
+        ctx.pairs = pairs
+        return pre_BF.gather(-1, pairs.idx_BM)
 
     @staticmethod
     def backward(ctx, g_BM: Tensor):
-        x_BD, idx_BM = ctx.saved_tensors
-        g_W = sparse_rows_matmul(idx_BM, g_BM, x_BD.to(g_BM.dtype), ctx.d_sae) if ctx.needs_input_grad[1] else None
+        (x_BD,) = ctx.saved_tensors
+        pairs = ctx.pairs
+        g_W = pairs.weighted_rows(g_BM, x_BD.to(g_BM.dtype)) if ctx.needs_input_grad[1] else None
         g_b = None
         if ctx.needs_input_grad[2]:
-            g_b = torch.zeros(ctx.d_sae, dtype=g_BM.dtype, device=g_BM.device).index_add_(
-                0, idx_BM.reshape(-1), g_BM.reshape(-1)
+            g_b = torch.zeros(pairs.n_latents, dtype=g_BM.dtype, device=g_BM.device).index_add_(
+                0, pairs.idx_BM.reshape(-1), g_BM.reshape(-1)
             )
         return None, g_W, g_b, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """sum_m vals[b, m] * W_dec_FD[idx[b, m]] (embedding_bag), with a backward that reads only the
+    selected decoder rows: value gradients as sampled dot products, the weight gradient latent-major."""
+
+    @staticmethod
+    def forward(ctx, vals_BM: Tensor, W_FD: Tensor, pairs: LatentMajor) -> Tensor:
+        ctx.save_for_backward(vals_BM, W_FD)
+        ctx.pairs = pairs
+        return F.embedding_bag(pairs.idx_BM, W_FD, mode="sum", per_sample_weights=vals_BM)
+
+    @staticmethod
+    def backward(ctx, g_BD: Tensor):
+        vals_BM, W_FD = ctx.saved_tensors
+        pairs = ctx.pairs
+        g_vals = None
+        if ctx.needs_input_grad[0]:
+            B, M = pairs.idx_BM.shape
+            crow = torch.arange(0, B * M + 1, M, device=g_BD.device)
+            with warnings.catch_warnings():  # torch calls CSR support "beta"; this pattern is valid by construction
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(
+                    crow,
+                    pairs.idx_BM.reshape(-1),
+                    torch.zeros(B * M, dtype=g_BD.dtype, device=g_BD.device),
+                    size=(B, pairs.n_latents),
+                    check_invariants=False,
+                )
+                # <g[b], W_FD[idx[b, m]]> for each pair, without a (B, M, D) gather (zeros: beta=0 still reads them)
+                g_vals = torch.sparse.sampled_addmm(pattern, g_BD, W_FD.T, beta=0.0).values().view(B, M)
+        g_W = pairs.weighted_rows(vals_BM.to(g_BD.dtype), g_BD) if ctx.needs_input_grad[1] else None
+        return g_vals, g_W, None
 
 
 class TopKSAE(nn.Module):
@@ -168,21 +212,23 @@ class TopKSAE(nn.Module):
         """z @ W_dec.T + b_dec for dense latents z (B, d_sae)."""
         return z_BF @ self.W_dec_FD + self.b_dec
 
-    def decode_sparse(self, code: SparseCode, bias: bool = True) -> Tensor:
-        """Same as decode(dense z) but gathers only the k active decoder rows per row of the batch."""
+    def decode_sparse(self, code: SparseCode, bias: bool = True, pairs: Optional[LatentMajor] = None) -> Tensor:
+        """Same as decode(dense z) but gathers only the k active decoder rows per row of the batch.
+
+        `pairs` (the code's LatentMajor) lets the backward share its grouping with the encoder's.
+        """
         vals_BK, idx_BK = code
-        lead = idx_BK.shape[:-1]
-        m = idx_BK.shape[-1]
-        out_BD = F.embedding_bag(
-            idx_BK.reshape(-1, m), self.W_dec_FD, per_sample_weights=vals_BK.reshape(-1, m), mode="sum"
-        )
+        lead, m = idx_BK.shape[:-1], idx_BK.shape[-1]
+        if pairs is None:
+            pairs = LatentMajor(idx_BK.reshape(-1, m), self.d_sae)
+        out_BD = _SparseDecode.apply(vals_BK.reshape(-1, m), self.W_dec_FD, pairs)
         if bias:
             out_BD = out_BD + self.b_dec
         return out_BD.reshape(*lead, self.d_model)
 
-    def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
-        """Values at idx that carry gradients to W_enc and b_enc through the sparse backward."""
-        vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, idx_BM)
+    def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, pairs: LatentMajor) -> Tensor:
+        """Values at pairs.idx_BM that carry gradients to W_enc and b_enc through the sparse backward."""
+        vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, pairs)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
     def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> ForwardOutput:
@@ -198,9 +244,9 @@ class TopKSAE(nn.Module):
             else:
                 pre_BF = (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + self.b_enc
             idx_BK = self.select(pre_BF, k).idx_BK
-        vals_BK = self.code_with_grad(x_BD, pre_BF, idx_BK)
-        code = SparseCode(vals_BK, idx_BK)
-        return ForwardOutput(self.decode_sparse(code), code, pre_BF)
+        pairs = LatentMajor(idx_BK, self.d_sae)
+        code = SparseCode(self.code_with_grad(x_BD, pre_BF, pairs), idx_BK)
+        return ForwardOutput(self.decode_sparse(code, pairs=pairs), code, pre_BF)
 
     # ----- decoder-norm helpers (in place) -----------------------------------------------------------
 

@@ -21,7 +21,7 @@ from .config import Activation, TrainerConfig, fingerprint_diff
 from .errors import InputError, QScopeError
 from .fsutil import atomic_write, atomic_write_json
 from .losses import fvu
-from .sae import SparseCode, TopKSAE
+from .sae import LatentMajor, SparseCode, TopKSAE
 
 
 def keep_freed_memory_on_cpu() -> bool:
@@ -95,8 +95,9 @@ def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int, reduc
         else:
             dead_idx = dead_F.nonzero().squeeze(1)
             idx_BA = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices]
-    vals_BA = sae.code_with_grad(x_BD, out.pre_BF, idx_BA)
-    e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False)
+    pairs = LatentMajor(idx_BA, sae.d_sae)
+    vals_BA = sae.code_with_grad(x_BD, out.pre_BF, pairs)
+    e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False, pairs=pairs)
     return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD, reduce)
 
 
