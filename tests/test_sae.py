@@ -2,9 +2,10 @@ import pytest
 import torch
 from conftest import card_get_feature_acts, random_release
 
+from qscope_train import sae as sae_module
 from qscope_train.config import Activation
 from qscope_train.losses import fvu
-from qscope_train.sae import TopKSAE
+from qscope_train.sae import LatentMajor, TopKSAE, sampled_dots
 
 
 @pytest.mark.parametrize("activation", [Activation.topk, Activation.relu_topk])
@@ -79,3 +80,19 @@ def test_fvu_is_one_for_the_mean_and_zero_for_perfect():
 def test_bad_k_is_refused():
     with pytest.raises(ValueError, match="k must be in 1..d_sae"):
         TopKSAE(8, 16, 17)
+
+
+def test_latent_major_pieces_match_their_dense_forms():
+    """LatentMajor's weighted row sums and dot products (internal op and public fallback) against dense
+    algebra, with many latents chosen by no row (empty runs)."""
+    torch.manual_seed(0)
+    B, M, F, D = 50, 7, 300, 12
+    idx = torch.randn(B, F).topk(M, dim=-1).indices
+    w, y, W = torch.randn(B, M), torch.randn(B, D), torch.randn(F, D)
+    pairs = LatentMajor(idx, F)
+    S = torch.zeros(F, B).index_put_((idx.reshape(-1), torch.arange(B).repeat_interleave(M)), w.reshape(-1))
+    torch.testing.assert_close(pairs.weighted_rows(w, y), S @ y)
+    want = (W[idx] * y[:, None, :]).sum(-1)
+    assert sae_module._PER_SAMPLE_BACKWARD is not None  # the pinned torch has the fast op: it is what runs
+    torch.testing.assert_close(pairs.dots(y, W), want)
+    torch.testing.assert_close(sampled_dots(idx, y, W, F), want)

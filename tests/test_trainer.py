@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from qscope_train import sae as sae_module
 from qscope_train.config import Activation, TrainerConfig
 from qscope_train.losses import fvu
 from qscope_train.sae import TopKSAE
@@ -18,7 +19,10 @@ def _dense_reference(sae: TopKSAE, x):
     return z @ sae.W_dec.T + sae.b_dec
 
 
-def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter():
+@pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
+def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dots, monkeypatch):
+    if dots == "sampled_addmm":  # the public fallback where torch lacks the internal op
+        monkeypatch.setattr(sae_module, "_PER_SAMPLE_BACKWARD", None)
     torch.manual_seed(0)
     sae = TopKSAE(16, 128, 8)
     with torch.no_grad():
@@ -60,8 +64,11 @@ def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
 DEAD_COUNTS = [10, 40, 128]
 
 
+@pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
-def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead):
+def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, dots, monkeypatch):
+    if dots == "sampled_addmm":
+        monkeypatch.setattr(sae_module, "_PER_SAMPLE_BACKWARD", None)
     sae, dead = _sae_with_dead(n_dead=n_dead)
     x = torch.randn(64, 16)
     out = sae(x)
