@@ -8,10 +8,12 @@ reader can verify a shard while decoding it (Verify.frame) instead of hashing th
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import mmap
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,3 +192,56 @@ def records(entries: Sequence[dict]) -> list[ShardRecord]:
 
 def as_dicts(recs: Sequence[ShardRecord]) -> list[dict]:
     return [asdict(r) for r in recs]
+
+
+def listed_records(manifest: dict) -> Iterator[ShardRecord]:
+    """Every file a manifest lists: activation shards, and token ids and positions where stored."""
+    for split in manifest["splits"].values():
+        yield from records(split.get("token_ids", []))
+        for layer in split["layers"].values():
+            yield from records(layer["shards"])
+            yield from records(layer.get("positions", []))
+
+
+def verify_cache(root: Path, progress=None) -> list[str]:
+    """Check every listed file's size and sha256 against the manifest; one message per bad file."""
+    recs = list(listed_records(read_manifest(root)))
+    bad = []
+    for rec in recs if progress is None else progress(recs):
+        path = root / rec.file
+        try:
+            with open(path, "rb") as f:
+                h = hashlib.file_digest(f, "sha256").hexdigest()
+                size = f.tell()
+        except FileNotFoundError:
+            bad.append(f"{path}: missing")
+            continue
+        if size != rec.nbytes or h != rec.sha256:
+            bad.append(
+                f"{path}: {size} bytes with sha256 {h[:12]}…, the manifest says {rec.nbytes} with {rec.sha256[:12]}…"
+            )
+    return bad
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m qscope_train.shards verify CACHE_DIR: the full sha256 check, e.g. after copying a cache."""
+    parser = argparse.ArgumentParser(prog="python -m qscope_train.shards", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify", help="check every file of a cache against its manifest").add_argument("cache")
+    args = parser.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    try:
+        bad = verify_cache(Path(args.cache), lambda recs: tqdm(recs, desc="verify", unit="file", file=sys.stderr))
+    except QScopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for line in bad:
+        print(f"corrupt: {line}")
+    total = sum(1 for _ in listed_records(read_manifest(Path(args.cache))))
+    print(f"{total - len(bad)} of {total} files match the manifest under {args.cache}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
