@@ -171,6 +171,7 @@ def _record_grad_norm(state) -> list:
     return seen
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the spy wraps step
 def test_gradient_clipping_bounds_the_step():
     from qscope_train.trainer import new_state, train_step
 
