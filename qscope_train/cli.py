@@ -1,11 +1,13 @@
 """Command line entry: Hydra composes configs/ into a typed RunConfig, one Accelerator, then pipeline.run.
 
-This is the only module that imports hydra or omegaconf.
+This is the only module that imports hydra or omegaconf, and the only one that changes process-wide
+settings (the CPU allocator).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -13,13 +15,45 @@ from datetime import timedelta
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RunConfig, register_configs
+from .config import RunConfig
 from .errors import QScopeError
 
 CONFIG_MODULE = "qscope_train.configs"
 # Ranks wait at barriers while others finish their share of the cache or of the layers; after a
 # resume one rank may have far more left than another, so wait hours, not NCCL's default minutes.
 BARRIER_TIMEOUT = timedelta(hours=6)
+
+
+# Keys that moved to another group; old command lines keep working, with a note naming the new key.
+MOVED_KEYS = {
+    "data.source": "reader.source",
+    "data.shuffle_buffer_tokens": "reader.shuffle_buffer_tokens",
+    "data.shuffle_shards": "reader.shuffle_shards",
+    "data.reader_threads": "reader.threads",
+    "data.on_corrupt": "reader.on_corrupt",
+    "data.verify_shards": "reader.verify_shards",
+}
+_OVERRIDE_KEY = re.compile(r"^(?P<prefix>[~+]*)(?P<key>[\w.]+)(?P<rest>(=.*)?)$", re.DOTALL)
+
+
+def register_configs() -> None:
+    """Register the schema so that config.yaml's defaults list can start from it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qscope_schema", node=RunConfig)
+
+
+def migrate_overrides(overrides: Sequence[str]) -> list[str]:
+    """Overrides with moved keys renamed (e.g. data.source=live -> reader.source=live), each noted on stderr."""
+    out = []
+    for arg in overrides:
+        m = _OVERRIDE_KEY.match(arg)
+        if m and m["key"] in MOVED_KEYS:
+            new = MOVED_KEYS[m["key"]]
+            print(f"note: {m['key']} is now {new}; reading {arg!r} as {new}{m['rest']}", file=sys.stderr)
+            arg = f"{m['prefix']}{new}{m['rest']}"
+        out.append(arg)
+    return out
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -34,7 +68,7 @@ def compose(overrides: Sequence[str] = ()) -> RunConfig:
 
     register_configs()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return to_run_config(hydra_compose("config", overrides=list(overrides)))
+        return to_run_config(hydra_compose("config", overrides=migrate_overrides(overrides)))
 
 
 def make_accelerator():
@@ -61,6 +95,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run_cfg = to_run_config(cfg)
         accelerator = make_accelerator()
+        if accelerator.device.type == "cpu":
+            from .trainer import keep_freed_memory_on_cpu
+
+            keep_freed_memory_on_cpu()  # the training step's large temporaries stay in glibc's heap
         run(run_cfg, accelerator)
         _leave_together(accelerator)
     except QScopeError as e:  # the user's input: one line, no traceback (QSCOPE_DEBUG=1 shows it)
@@ -73,6 +111,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
+    sys.argv[1:] = migrate_overrides(sys.argv[1:])
     _hydra_main()
 
 

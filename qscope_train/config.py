@@ -1,17 +1,42 @@
-"""Typed run configuration: dataclass schemas registered in Hydra's ConfigStore.
+"""Typed run configuration: the RunConfig schema (registered in Hydra's ConfigStore by cli.py) and the
+configs of the model, SAE, trainer, evaluation and logging; the activation path's are in data/config.py.
 
-Defaults live here and only here; the YAML presets under configs/ override them. No I/O.
+Defaults live in these dataclasses and only here; the YAML presets under configs/ override them. No I/O.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
+from .data.config import ActivationSource, DataConfig, OnCorrupt, ReaderConfig, SequenceMode, TextFormat, Verify
 from .errors import ConfigError
+from .schema import MISSING, DType, fingerprint, fingerprint_diff, operational, to_plain
 
-MISSING = "???"  # OmegaConf's marker for a value the user must give
+__all__ = [
+    "MISSING",
+    "ActivationSource",
+    "Activation",
+    "DataConfig",
+    "DType",
+    "EvalConfig",
+    "ModelConfig",
+    "OnCorrupt",
+    "ReaderConfig",
+    "RunConfig",
+    "SAEConfig",
+    "SequenceMode",
+    "Stage",
+    "TextFormat",
+    "TrainerConfig",
+    "Verify",
+    "WandbConfig",
+    "WandbMode",
+    "fingerprint",
+    "fingerprint_diff",
+    "to_plain",
+]
 
 
 class Stage(Enum):
@@ -29,48 +54,6 @@ class Activation(Enum):
 
     topk = "topk"  # the model card: topk(x @ W_enc.T + b_enc)
     relu_topk = "relu_topk"  # the official demo app: topk(relu(x @ W_enc.T + b_enc))
-
-
-class DType(Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-    @property
-    def torch(self):
-        """The torch dtype of the same name (torch is imported here only when asked for)."""
-        import torch
-
-        return getattr(torch, self.value)
-
-
-class SequenceMode(Enum):
-    """How documents become fixed-length sequences."""
-
-    packed = "packed"  # documents joined with EOS and cut every context_len tokens
-    per_sequence = "per_sequence"  # one document / conversation per sequence, right-padded
-
-
-class TextFormat(Enum):
-    text = "text"  # text_field holds a string
-    chat = "chat"  # text_field holds a list of {role, content} messages, rendered with the chat template
-
-
-class ActivationSource(Enum):
-    cache = "cache"  # train from the shards written by the cache stage
-    live = "live"  # run the model during training; nothing is written to disk
-
-
-class OnCorrupt(Enum):
-    error = "error"  # stop with an error naming the shard
-    skip = "skip"  # warn, leave the shard out, and go on
-
-
-class Verify(Enum):
-    """How a reader checks a shard before using its rows (the size is always checked)."""
-
-    frame = "frame"  # zstd's content checksum, checked while decoding (sha256 for shards without one)
-    sha256 = "sha256"  # sha256 of the whole file against the manifest, then decode (and the frame checksum)
 
 
 class WandbMode(Enum):
@@ -112,99 +95,6 @@ class SAEConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where tokens come from, which activations are kept, and how they are cached and read."""
-
-    dataset: str = MISSING
-    """Hub dataset id, or a local .txt / .json / .jsonl / .parquet file or a directory of them."""
-    config_name: Optional[str] = None
-    """Dataset configuration (subset) name on the hub, e.g. sample-10BT."""
-    split: str = "train"
-    """Dataset split to read."""
-    text_field: str = "text"
-    """Column holding the document text (or, with format=chat, the list of messages)."""
-    format: TextFormat = TextFormat.text
-    """text: plain documents; chat: conversations rendered with the tokenizer's chat template."""
-    mode: SequenceMode = SequenceMode.packed
-    """packed: documents joined with EOS; per_sequence: one document / conversation per sequence."""
-    streaming: bool = False
-    """Stream the dataset instead of downloading it whole (large hub datasets)."""
-    shuffle: bool = False
-    """Shuffle documents with `seed` before tokenizing (streaming uses a 10k-document buffer)."""
-    seed: int = 0
-    """Seed of the document shuffle; the stream order is deterministic for a given seed."""
-    context_len: int = 1024
-    """Tokens per sequence fed to the model."""
-    train_tokens: int = 10_000_000
-    """Sequence tokens to run through the model for the training split (before filters)."""
-    eval_tokens: int = 262_144
-    """Sequence tokens for the held-out split; taken from sequences never used for training."""
-    forward_batch_tokens: int = 16384
-    """Tokens per language-model forward pass (a multiple of context_len is used)."""
-    shard_tokens: int = 65536
-    """Sequence tokens per cache shard (rounded down to whole sequences); every layer is cut alike."""
-    cache_dtype: DType = DType.bfloat16
-    """Dtype of cached (and live) activations."""
-    byte_split: bool = True
-    """Store the high and low bytes of 16-bit values apart, which compresses better."""
-    zstd_level: int = 1
-    """zstandard level of the shards."""
-    store_tokens: bool = False
-    """Also store token ids and, per layer, the position of every kept row."""
-    drop_first_position: bool = True
-    """Drop position 0 of each sequence (the attention sink, norm far above the rest)."""
-    drop_special_tokens: bool = True
-    """Drop activations at the tokenizer's special tokens (BOS/EOS/PAD and other added specials)."""
-    drop_token_ids: list[int] = field(default_factory=list)
-    """Further token ids whose activations are dropped."""
-    outlier_norm_factor: float = 10.0
-    """Drop activations whose norm exceeds this multiple of the layer's running median norm; 0 disables."""
-    source: ActivationSource = ActivationSource.cache
-    """Where the fit stage reads activations: the cache, or the model itself (live)."""
-    shuffle_buffer_tokens: int = 131072
-    """Activation rows per layer held in memory for shuffling while reading (sets the reader's memory)."""
-    shuffle_shards: bool = True
-    """Visit cache shards in a new random order each epoch (live mode keeps the stream order)."""
-    reader_threads: int = 2
-    """Background threads that read and decompress shards ahead of the trainer."""
-    on_corrupt: OnCorrupt = OnCorrupt.error
-    """What the reader does with a shard that fails its checksum: error, or skip with a warning."""
-    verify_shards: Verify = Verify.frame
-    """How the reader checks shards: frame (zstd's checksum, free while decoding) or sha256 (also hash the file)."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "context_len",
-            "train_tokens",
-            "eval_tokens",
-            "forward_batch_tokens",
-            "shard_tokens",
-            "shuffle_buffer_tokens",
-            "reader_threads",
-        ):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
-        if self.context_len < 2:
-            raise ConfigError(f"data.context_len must be at least 2, got {self.context_len}")
-        if self.shard_tokens < self.context_len:
-            raise ConfigError(
-                f"data.shard_tokens ({self.shard_tokens}) must hold at least one sequence of {self.context_len}"
-            )
-        if self.outlier_norm_factor < 0:
-            raise ConfigError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
-        if not 1 <= self.zstd_level <= 22:
-            raise ConfigError(f"data.zstd_level must be in 1..22, got {self.zstd_level}")
-
-    @property
-    def shard_sequences(self) -> int:
-        return self.shard_tokens // self.context_len
-
-    @property
-    def forward_sequences(self) -> int:
-        return max(1, self.forward_batch_tokens // self.context_len)
-
-
-@dataclass
 class TrainerConfig:
     """Optimisation of the SAEs."""
 
@@ -232,16 +122,16 @@ class TrainerConfig:
     """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = operational(2)
     """Checkpoints kept on disk (the newest ones)."""
     seed: int = 0
     """Seed for initialisation and batch order."""
     layer_sharding: bool = False
     """With several processes: each one trains its share of the layers (layers[rank::world]) on full
     batches and exchanges nothing, instead of all of them splitting every batch (data parallel)."""
-    log_every: int = 20
+    log_every: int = operational(20)
     """Steps between log lines (JSONL, progress bar, wandb)."""
 
     def __post_init__(self) -> None:
@@ -326,6 +216,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -341,35 +232,3 @@ class RunConfig:
             raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt")
         if Stage.adapt in self.stages and self.init_from is None:
             raise ConfigError("stages has adapt, which compares against the source SAEs: set init_from")
-
-
-def to_plain(obj: Any) -> Any:
-    """A dataclass config as JSON-ready dicts, lists and scalars (enums by value)."""
-    if is_dataclass(obj):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, Enum):
-        return obj.value
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    return obj
-
-
-def fingerprint_diff(old: dict, new: dict, prefix: str = "") -> str:
-    """The settings that differ between two fingerprints (cache, checkpoint), as `key: old -> new`, nested
-    keys joined by dots."""
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = fingerprint_diff(a, b, f"{prefix}{key}.")
-            parts += [inner] if inner else []
-        elif a != b:
-            parts.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(parts)
-
-
-def register_configs() -> None:
-    """Register the schema so that config.yaml's defaults list can start from it."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="qscope_schema", node=RunConfig)

@@ -21,7 +21,7 @@ from torch import Tensor
 from .config import Activation
 from .errors import InputError, MissingInputError, QScopeError
 from .fsutil import read_json
-from .release import HOOK_POINT, ReleaseName, layer_filename, save_tensors, validate, write_sidecar
+from .release import HOOK_POINT, ReleaseName, layer_filename, save_tensors, sidecar_filename, validate, write_sidecar
 
 SPARSIFY_KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae.safetensors"
@@ -208,7 +208,7 @@ def import_sparsify(
         tensors, k, activation = from_sparsify(found[n])
         written[n] = save_tensors(out_dir / layer_filename(n), tensors)
         meta = _sidecar(src, found[n], n, tensors["W_enc"].shape, k, activation, model_name)
-        write_sidecar(out_dir / f"layer{n}.json", meta)
+        write_sidecar(out_dir / sidecar_filename(n), meta)
     return written
 
 
@@ -267,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except QScopeError as e:  # the user's input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
-    side = read_json(Path(args.out) / f"layer{next(iter(written))}.json")
+    side = read_json(Path(args.out) / sidecar_filename(next(iter(written))))
     print(
         f"imported {len(written)} sparsify layer(s) {list(written)} from {args.src} -> {args.out} "
         f"(d_model={side['d_model']}, d_sae={side['d_sae']}, k={side['k']}, activation={side['activation']})"

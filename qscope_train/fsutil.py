@@ -49,6 +49,13 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """torch.save(obj) to path, atomically (release files, checkpoints, firing frequencies)."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def read_json(path: str | Path) -> Any:
     with open(path) as f:
         return json.load(f)

@@ -1,4 +1,5 @@
 """The Qwen-Scope release format: layer<n>.sae.pt files, their validation, naming, sidecars and card.
+Finding and loading SAEs from files, directories, hub repos or sparsify runs is load.py's job.
 
 A release file is a torch.save'd flat dict of exactly W_enc (d_sae, d_model), W_dec (d_model,
 d_sae), b_enc (d_sae,), b_dec (d_model,), fp32. Everything else goes in layer<n>.json / README.md.
@@ -6,10 +7,8 @@ d_sae), b_enc (d_sae,), b_dec (d_model,), fp32. Everything else goes in layer<n>
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -17,10 +16,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .config import Activation
-from .errors import InputError, MissingInputError, QScopeError
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
-from .sae import RELEASE_KEYS, TopKSAE
+from .errors import QScopeError
+from .fsutil import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+
+RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 HOOK_POINT = "residual stream: output of decoder layer n (model.layers[n])"
 _REPO_NAME = re.compile(r"^SAE-Res-(?P<model>.+)-W(?P<width_k>\d+)K-L0_(?P<k>\d+)$")
@@ -64,38 +63,9 @@ def layer_filename(layer: int) -> str:
     return f"layer{layer}.sae.pt"
 
 
-# ----- locating and loading ---------------------------------------------------------------------------
-
-
-def resolve(source: str | Path, layer: Optional[int] = None, revision: Optional[str] = None) -> Path:
-    """A local path for `source`: a .pt file, a directory (+ layer), or a hub repo id (+ layer).
-
-    Hub files come through huggingface_hub, which serves its local cache when HF_HUB_OFFLINE=1.
-    A sparsify run directory (+ layer) resolves to its hookpoint directory (layers.<n>/), the only
-    case where the result is a directory.
-    """
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        from . import convert  # imported here: convert imports this module
-
-        if convert.is_sparsify_dir(path):
-            return convert.sparsify_hookpoint(path, layer)
-        if layer is None:
-            raise InputError(f"{path} is a directory: say which layer to load (layer<n>.sae.pt)")
-        file = path / layer_filename(layer)
-        if not file.is_file():
-            found = sorted(p.name for p in path.glob("layer*.sae.pt"))
-            raise MissingInputError(f"{file} does not exist; the directory holds {found or 'no layer*.sae.pt files'}")
-        return file
-    if is_hub_id(str(source)):
-        if layer is None:
-            raise InputError(f"hub repo {source}: say which layer to load (layer<n>.sae.pt)")
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(str(source), layer_filename(layer), revision=revision))
-    raise MissingInputError(f"SAE source {str(source)!r} is neither an existing file or directory nor a hub repo id")
+def sidecar_filename(layer: int) -> str:
+    """layer<n>.json: the metadata beside layer<n>.sae.pt (never inside the .pt)."""
+    return f"layer{layer}.json"
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -163,93 +133,11 @@ def read_sidecar(sae_file: Path) -> Optional[dict]:
     return read_json(side) if side.is_file() else None
 
 
-def infer_k(source: str | Path, sae_file: Path) -> Optional[int]:
-    """k from the sidecar, else from a release-style name of the source or its directory."""
-    side = read_sidecar(sae_file)
-    if side and "k" in side:
-        return int(side["k"])
-    for name in (str(source), sae_file.parent.name, *(p.name for p in sae_file.parents)):
-        parsed = ReleaseName.parse(name)
-        if parsed:
-            return parsed.k
-    return None
-
-
-def load_sae(
-    source: str | Path,
-    layer: Optional[int] = None,
-    k: Optional[int] = None,
-    activation: Optional[Activation] = None,
-    revision: Optional[str] = None,
-    default_activation: Activation = Activation.topk,
-) -> TopKSAE:
-    """A TopKSAE from a release file, directory + layer, or hub repo id + layer.
-
-    k and activation default to the sidecar's (layer<n>.json), else k comes from a release-style
-    name and the activation is default_activation (the card's plain top-k unless told otherwise).
-    A sparsify directory is folded on the fly (convert.from_sparsify): its cfg.json gives k, relu_topk.
-    """
-    file = resolve(source, layer, revision)
-    if file.is_dir():  # resolve returns a directory only for a sparsify hookpoint
-        from . import convert
-
-        tensors, sparsify_k, sparsify_activation = convert.from_sparsify(file)
-        return TopKSAE.from_release(tensors, k or sparsify_k, activation or sparsify_activation)
-    tensors = load_tensors(file)
-    if k is None:
-        k = infer_k(source, file)
-    if k is None:
-        raise InputError(
-            f"cannot tell k for {file}: no layer<n>.json sidecar and no SAE-Res-...-L0_<k> name; pass k explicitly"
-        )
-    if activation is None:
-        side = read_sidecar(file) or {}
-        activation = Activation(side.get("activation", default_activation.value))
-    return TopKSAE.from_release(tensors, k, activation)
-
-
-def load_saes(
-    source: str | Path,
-    layers: Sequence[int],
-    revision: Optional[str] = None,
-    default_activation: Activation = Activation.topk,
-) -> dict[int, TopKSAE]:
-    """load_sae for each layer of one source (release directory, hub repo id or sparsify run)."""
-    return {n: load_sae(source, layer=n, revision=revision, default_activation=default_activation) for n in layers}
-
-
-def check_d_model(saes: dict[int, TopKSAE], source: str | Path, d_model: int, model: str) -> None:
-    """Refuse SAEs whose d_model is not the model's: they were trained on another model."""
-    for n, sae in saes.items():
-        if sae.d_model != d_model:
-            raise InputError(
-                f"{source} layer {n} has d_model {sae.d_model}, but {model!r} has d_model {d_model}: "
-                "the SAE was trained on another model"
-            )
-
-
-def source_model(source: str | Path, layer: int, revision: Optional[str] = None) -> Optional[str]:
-    """The model an SAE release was trained on: its sidecar's `model`, else the model in a release-style name."""
-    try:
-        side = read_sidecar(resolve(source, layer, revision))
-    except QScopeError:
-        side = None
-    if side and side.get("model"):
-        return str(side["model"])
-    parsed = ReleaseName.parse(str(source))
-    return parsed.model if parsed else None
-
-
-# ----- writing -------------------------------------------------------------------------------------------
-
-
 def save_tensors(path: str | Path, tensors: dict[str, Tensor]) -> Path:
     """Write exactly the four tensors, fp32 and contiguous, atomically."""
     out = {key: tensors[key].detach().to(device="cpu", dtype=torch.float32).contiguous() for key in RELEASE_KEYS}
     validate(out, where=str(path))
-    buf = io.BytesIO()
-    torch.save(out, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_torch_save(path, out)
 
 
 def write_sidecar(path: str | Path, meta: dict) -> Path:

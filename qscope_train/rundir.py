@@ -1,18 +1,39 @@
-"""The run directory's layout and the checks on what earlier stages left there."""
+"""Every path of a run directory, and the "run stage X first" checks on what earlier stages left there.
+
+run_dir/cache/   manifest.json + {train,eval}/layer<n>/shard-*.zst + progress/       (cache)
+run_dir/fit/     layer<n>.sae.pt + layer<n>.json + checkpoints/                       (fit)
+run_dir/eval/    eval.json + firing.pt + report.md + *.png                            (evaluate)
+run_dir/export/  layer<n>.sae.pt + layer<n>.json + README.md                          (export)
+run_dir/         adapt.json + report.md + *.png (adapt), log.jsonl, .hydra/
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from . import release, shards
 from .config import RunConfig
+from .data import shards
 from .errors import InputError, MissingInputError
+from .fsutil import read_json
+from .release import layer_filename, sidecar_filename
 
 
 class RunDirs:
     def __init__(self, run_dir: Path) -> None:
-        self.root = run_dir
-        self.cache, self.fit, self.eval, self.export = (run_dir / s for s in ("cache", "fit", "eval", "export"))
+        self.root = Path(run_dir)
+        self.cache, self.fit, self.eval, self.export = (self.root / s for s in ("cache", "fit", "eval", "export"))
+        self.checkpoints = self.fit / "checkpoints"
+        self.eval_json, self.firing = self.eval / "eval.json", self.eval / "firing.pt"
+        self.adapt_json = self.root / "adapt.json"
+
+    @staticmethod
+    def sae_file(directory: Path, layer: int) -> Path:
+        return directory / layer_filename(layer)
+
+    @staticmethod
+    def sidecar(directory: Path, layer: int) -> Path:
+        return directory / sidecar_filename(layer)
 
 
 def cache_manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
@@ -30,7 +51,12 @@ def cache_manifest(cfg: RunConfig, dirs: RunDirs) -> dict:
 
 
 def fit_file(dirs: RunDirs, n: int, stage: str) -> Path:
-    path = dirs.fit / release.layer_filename(n)
+    path = dirs.sae_file(dirs.fit, n)
     if not path.is_file():
         raise MissingInputError(f"{path} does not exist: run the fit stage first (stages=[fit,{stage}])")
     return path
+
+
+def eval_result(dirs: RunDirs) -> Optional[dict]:
+    """eval/eval.json as the evaluate stage wrote it, or None if it has not run."""
+    return read_json(dirs.eval_json) if dirs.eval_json.is_file() else None

@@ -8,6 +8,7 @@ gathers fastest; `W_dec` is that parameter's transposed view and to_release() wr
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple, Optional
 
@@ -17,8 +18,7 @@ from torch import Tensor, nn
 
 from .config import Activation
 from .errors import InputError
-
-RELEASE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
+from .release import RELEASE_KEYS
 
 
 class SparseCode(NamedTuple):
@@ -76,10 +76,11 @@ class LatentMajor:
         gradient, 1.6x faster than sampled_addmm on a 2-core CPU. That op is internal to torch, so
         sampled_addmm (public) stands in wherever it is missing or refuses the inputs.
         """
-        if _PER_SAMPLE_BACKWARD is not None:
+        op = per_sample_backward()
+        if op is not None:
             order, rows, latents, offsets = self._build()
             try:
-                d = _PER_SAMPLE_BACKWARD(W_FD.contiguous(), y_BD.contiguous(), rows, offsets, latents, 0, -1)
+                d = op(W_FD.contiguous(), y_BD.contiguous(), rows, offsets, latents, 0, -1)
             except (RuntimeError, TypeError):
                 pass
             else:
@@ -103,14 +104,14 @@ def sampled_dots(idx_BM: Tensor, y_BD: Tensor, W_FD: Tensor, n_latents: int) -> 
         return torch.sparse.sampled_addmm(pattern, y_BD, W_FD.T, beta=0.0).values().view(B, M)
 
 
-def _per_sample_backward():
+@functools.cache
+def per_sample_backward():
+    """torch's internal per-sample-weight backward of embedding_bag, or None where this torch lacks it;
+    looked up on first use, not at import."""
     try:
         return torch.ops.aten._embedding_bag_per_sample_weights_backward
     except (AttributeError, RuntimeError):
         return None
-
-
-_PER_SAMPLE_BACKWARD = _per_sample_backward()
 
 
 class _GatherPre(torch.autograd.Function):
@@ -262,6 +263,13 @@ class TopKSAE(nn.Module):
         """Values at pairs.idx_BM that carry gradients to W_enc and b_enc through the sparse backward."""
         vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, pairs)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
+
+    def decode_selected(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
+        """Reconstruction without b_dec from the latents idx_BM (B, M), valued from pre_BF (B, d_sae); the
+        gradients reach W_enc, b_enc and those decoder rows through the sparse backward (AuxK's term)."""
+        pairs = LatentMajor(idx_BM, self.d_sae)
+        vals_BM = self.code_with_grad(x_BD, pre_BF, pairs)
+        return self.decode_sparse(SparseCode(vals_BM, idx_BM), bias=False, pairs=pairs)
 
     def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> ForwardOutput:
         """Training forward: dense pre-activations without autograd, sparse gradients for the top k.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,10 +18,11 @@ from torch import Tensor
 
 from . import distributed
 from .config import Activation, TrainerConfig, fingerprint_diff
+from .data.batches import BatchSource
 from .errors import InputError, QScopeError
-from .fsutil import atomic_write, atomic_write_json
-from .losses import fvu
-from .sae import LatentMajor, SparseCode, TopKSAE
+from .fsutil import atomic_torch_save, atomic_write_json
+from .losses import auxk, dead_topk, fvu, global_mean
+from .sae import ForwardOutput, TopKSAE
 
 
 def keep_freed_memory_on_cpu() -> bool:
@@ -29,8 +30,8 @@ def keep_freed_memory_on_cpu() -> bool:
 
     By default glibc maps each block above 32 MiB fresh from the OS and unmaps it on free, so every
     CPU training step page-faults its (B, d_sae) pre-activations and (d_sae, d_model) gradients in
-    again: 10-20 % of a step at d_sae 16384 (docs/BENCHMARKS.md). Process-wide; a no-op where the C
-    library is not glibc. Returns whether it took effect.
+    again: 10-20 % of a step at d_sae 16384 (docs/BENCHMARKS.md). Process-wide, so the CLI calls it
+    (never an import or fit); a no-op where the C library is not glibc. Returns whether it took effect.
     """
     import ctypes
     import ctypes.util
@@ -74,31 +75,13 @@ class NonFiniteLossError(QScopeError, FloatingPointError):
     """The loss became NaN or inf."""
 
 
-def auxk_loss(sae: TopKSAE, x_BD: Tensor, out, dead_F: Tensor, k_aux: int, reduce=None) -> Tensor:
-    """AuxK (Gao et al. 2024): the top k_aux dead latents reconstruct the detached residual x - x_hat.
-
-    Its gradient reaches W_dec (dead rows) and, through the sparse gather, W_enc and b_enc.
-    """
+def auxk_loss(sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, reduce=None) -> Tensor:
+    """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
+    (losses.auxk); the gradient reaches W_dec's dead rows and, through the sparse gather, W_enc and b_enc."""
     n_dead = int(dead_F.sum())
-    k_aux = min(k_aux, n_dead)
-    with torch.no_grad():
-        pre = out.pre_BF
-        if sae.activation is Activation.relu_topk:
-            pre = torch.relu(pre)
-        if n_dead == sae.d_sae:  # every latent dead: select straight from the pre-activations, no copy
-            idx_BA = pre.topk(k_aux, dim=-1, sorted=False).indices
-        elif 4 * n_dead >= sae.d_sae:
-            # many dead: masking live columns is one streaming pass; gathering the dead columns of a
-            # (B, d_sae) matrix is several times slower
-            low = -1.0 if sae.activation is Activation.relu_topk else float("-inf")  # below every dead value
-            idx_BA = pre.masked_fill(~dead_F, low).topk(k_aux, dim=-1, sorted=False).indices
-        else:
-            dead_idx = dead_F.nonzero().squeeze(1)
-            idx_BA = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices]
-    pairs = LatentMajor(idx_BA, sae.d_sae)
-    vals_BA = sae.code_with_grad(x_BD, out.pre_BF, pairs)
-    e_hat_BD = sae.decode_sparse(SparseCode(vals_BA, idx_BA), bias=False, pairs=pairs)
-    return fvu((x_BD - out.x_hat_BD).detach(), e_hat_BD, reduce)
+    relu = sae.activation is Activation.relu_topk
+    idx_BA = dead_topk(out.pre_BF, dead_F, min(k_aux, n_dead), n_dead, relu)
+    return auxk(x_BD, out.x_hat_BD, sae.decode_selected(x_BD, out.pre_BF, idx_BA), reduce)
 
 
 def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
@@ -185,14 +168,14 @@ class Checkpoints:
 
     def save(self, step: int, payload: dict) -> Path:
         payload = {"fingerprint": self.fingerprint, "step": step, **payload}
-        path = atomic_write(self.dir / f"step-{step:09d}.pt", lambda f: torch.save(payload, f))
+        path = atomic_torch_save(self.dir / f"step-{step:09d}.pt", payload)
         atomic_write_json(self.dir / "latest.json", {"step": step, "file": path.name})
         for old in self._files()[: -self.keep]:
             old.unlink()
         return path
 
 
-def _state_payload(states: dict[int, LayerState], reader) -> dict:
+def _state_payload(states: dict[int, LayerState], reader: BatchSource) -> dict:
     layers = {
         str(n): {
             "sae": s.sae.state_dict(),
@@ -204,11 +187,10 @@ def _state_payload(states: dict[int, LayerState], reader) -> dict:
         }
         for n, s in states.items()
     }
-    reader_state = reader.state_dict() if hasattr(reader, "state_dict") else None
-    return {"layers": layers, "readers": distributed.gather(reader_state)}  # one per rank, in rank order
+    return {"layers": layers, "readers": distributed.gather(reader.state_dict())}  # one per rank, in rank order
 
 
-def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
+def _restore(states: dict[int, LayerState], reader: BatchSource, ckpt: dict) -> None:
     for n, s in states.items():
         saved = ckpt["layers"][str(n)]
         s.sae.load_state_dict(saved["sae"])
@@ -219,7 +201,7 @@ def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
     readers = ckpt["readers"]
     if len(readers) != distributed.world():
         raise InputError(f"the checkpoint was written by {len(readers)} processes, this run has {distributed.world()}")
-    if readers[distributed.rank()] is not None and hasattr(reader, "load_state_dict"):
+    if readers[distributed.rank()] is not None:
         reader.load_state_dict(readers[distributed.rank()])
     else:
         print("resume: this activation source cannot seek, so its stream starts again from the beginning")
@@ -227,7 +209,7 @@ def _restore(states: dict[int, LayerState], reader, ckpt: dict) -> None:
 
 def fit(
     saes: dict[int, TopKSAE],
-    batches: Iterable[dict[int, Tensor]],
+    batches: BatchSource,
     cfg: TrainerConfig,
     total_steps: int,
     device: torch.device | str,
@@ -238,11 +220,9 @@ def fit(
 ) -> dict[int, dict]:
     """Train every SAE for total_steps steps, resuming from the latest checkpoint if there is one.
 
-    `batches` is iterated once; if it has state_dict()/load_state_dict() its position is checkpointed.
+    `batches` is iterated once; its state_dict() (the position; None if it cannot seek) is checkpointed.
     Returns a per-layer summary (tokens, final FVU, dead fraction).
     """
-    if torch.device(device).type == "cpu":
-        keep_freed_memory_on_cpu()
     states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
     ckpt = checkpoints.latest() if checkpoints else None
     start = 0
@@ -255,9 +235,7 @@ def fit(
         first = next(it)
         with torch.no_grad():
             for n, state in states.items():
-                x = first[n].to(device).float()
-                stats = distributed.sum_(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
-                state.sae.b_dec.copy_(stats[:-1] / stats[-1])  # the global batch's mean
+                state.sae.b_dec.copy_(global_mean(first[n].to(device).float(), distributed.sum_))
         it = itertools.chain([first], it)
 
     with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:

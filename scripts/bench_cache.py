@@ -65,8 +65,8 @@ def data_config(corpus: Path, tokens: int):
 
 
 def time_forward(lm, cfg) -> float:
+    from qscope_train.data.tokens import batched, load_text_dataset, token_stream
     from qscope_train.lm import run_captured
-    from qscope_train.tokens import batched, load_text_dataset, token_stream
 
     seqs = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg)
     seqs = [s for _, s in zip(range((cfg.train_tokens + cfg.eval_tokens) // 512), seqs, strict=False)]
@@ -80,8 +80,8 @@ def time_forward(lm, cfg) -> float:
 
 def scaled_cache(src: Path, manifest: dict, dst: Path, copies: int) -> Path:
     """A cache of `copies` × the real one's train rows per layer, in the same format and codec."""
-    from qscope_train import shards
-    from qscope_train.shards import Codec
+    from qscope_train.data import shards
+    from qscope_train.data.shards import Codec
 
     codec = Codec(**manifest["codec"])
     g = torch.Generator().manual_seed(0)
@@ -117,13 +117,13 @@ def peak_rss_mb() -> float:
 
 def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float, dtype: str, verify: str) -> dict:
     """Runs in a subprocess: read shuffled fp32 batches of one layer for `seconds`; rows/s and peak RSS."""
-    from qscope_train import shards
-    from qscope_train.config import DataConfig, Verify
-    from qscope_train.reader import cached_batches
+    from qscope_train.config import ReaderConfig, Verify
+    from qscope_train.data import shards
+    from qscope_train.data.batches import cached_batches
 
     torch.set_num_threads(threads)
     manifest = shards.read_manifest(cache)
-    cfg = DataConfig(dataset="-", reader_threads=threads, verify_shards=Verify(verify))
+    cfg = ReaderConfig(threads=threads, verify_shards=Verify(verify))
     out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     it = iter(cached_batches(cache, manifest, [layer], batch, cfg, seed=0, out_dtype=out_dtype))
     next(it)
@@ -151,7 +151,7 @@ def main() -> None:
         "--verify",
         choices=["frame", "sha256"],
         default="frame",
-        help="how the reader checks shards (data.verify_shards)",
+        help="how the reader checks shards (reader.verify_shards)",
     )
     p.add_argument("--workdir", type=Path, help="keep the model and caches here (default: a temporary directory)")
     p.add_argument("--_read", nargs=2, help=argparse.SUPPRESS)
@@ -172,8 +172,8 @@ def main() -> None:
         )
         return
 
-    from qscope_train.cache import build_cache
     from qscope_train.config import ModelConfig
+    from qscope_train.data.writer import build_cache
     from qscope_train.lm import load_lm
     from qscope_train.tracking import NullBar
 

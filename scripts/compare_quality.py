@@ -72,6 +72,7 @@ def run_sparsify(train: torch.Tensor, held: torch.Tensor) -> dict:
 
 def run_ours(train: torch.Tensor, held: torch.Tensor, lr: float | None = None) -> dict:
     from qscope_train.config import TrainerConfig
+    from qscope_train.data.batches import Unseekable
     from qscope_train.sae import TopKSAE
     from qscope_train.tracking import NullBar
     from qscope_train.trainer import fit
@@ -80,15 +81,15 @@ def run_ours(train: torch.Tensor, held: torch.Tensor, lr: float | None = None) -
     sae = TopKSAE(train.shape[1], D_SAE, K)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     cfg = TrainerConfig(batch_size=BATCH, warmup_steps=20, checkpoint_every=0, lr=lr)
-    fit({0: sae}, iter(batches), cfg, len(batches), "cpu", lambda s, m: None, NullBar)
+    fit({0: sae}, Unseekable(batches), cfg, len(batches), "cpu", lambda s, m: None, NullBar)
     with torch.no_grad():
         return score(lambda xb: sae(xb).x_hat_BD, held, lambda xb: sae.encode_sparse(xb).fire_counts(D_SAE) > 0)
 
 
 def tiny_model_rows(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from qscope_train import shards
-    from qscope_train.cache import build_cache
     from qscope_train.config import DataConfig, DType, ModelConfig
+    from qscope_train.data import shards
+    from qscope_train.data.writer import build_cache
     from qscope_train.lm import load_lm
     from qscope_train.tiny import build_fixtures
     from qscope_train.tracking import NullBar

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from qscope_train.config import TrainerConfig
+from qscope_train.data.batches import Unseekable
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
 from qscope_train.trainer import fit
@@ -35,7 +36,7 @@ def main(out: str) -> None:
     # a short dead window, so that AuxK is active in most steps
     cfg = TrainerConfig(batch_size=B, lr=1e-2, warmup_steps=2, dead_after_tokens=2 * B, log_every=1)
     logs = []
-    fit({0: sae}, iter(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
+    fit({0: sae}, Unseekable(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
     if rank == 0:
         torch.save({"state": sae.state_dict(), "logs": logs}, out)
     if dist.is_initialized():

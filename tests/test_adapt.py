@@ -7,8 +7,8 @@ from accelerate import Accelerator
 from conftest import random_release
 
 from qscope_train import release
-from qscope_train.adapt import feature_drift
 from qscope_train.cli import compose
+from qscope_train.drift import feature_drift
 from qscope_train.pipeline import run
 from qscope_train.sae import TopKSAE
 

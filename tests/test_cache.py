@@ -14,13 +14,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from qscope_train import shards
 from qscope_train.cli import compose
 from qscope_train.config import OnCorrupt
+from qscope_train.data import shards
+from qscope_train.data.activations import live_chunks
+from qscope_train.data.batches import cached_batches, live_batches
+from qscope_train.data.shards import Codec, CorruptShardError
 from qscope_train.lm import load_lm
 from qscope_train.pipeline import run
-from qscope_train.reader import cached_batches, live_batches, live_chunks
-from qscope_train.shards import Codec, CorruptShardError
 
 CACHE = [
     "stages=[cache]",
@@ -80,16 +81,16 @@ def test_written_equals_read_bitwise(cached, lm):
         assert len(live) == len(m["splits"][split]["chunks"])
         for n in cfg.layers:
             recs = shards.records(m["splits"][split]["layers"][str(n)]["shards"])
-            for rows, rec in zip(live, recs, strict=True):
+            for chunk, rec in zip(live, recs, strict=True):
                 stored = shards.read_shard(root, rec, 64, codec)
-                assert torch.equal(stored.view(torch.int16), rows[n].view(torch.int16))
+                assert torch.equal(stored.view(torch.int16), chunk.rows[n].view(torch.int16))
 
 
 def test_live_batches_equal_cached_batches(cached, lm):
     cfg, root, m = cached
-    data = dataclasses.replace(cfg.data, shuffle_shards=False, shuffle_buffer_tokens=3000)
-    cached_list = list(cached_batches(root, m, cfg.layers, 256, data, seed=5, epochs=1))
-    live_list = list(live_batches(lm, cfg.layers, 256, data, seed=5, device="cpu", epochs=1))
+    reader = dataclasses.replace(cfg.reader, shuffle_shards=False, shuffle_buffer_tokens=3000)
+    cached_list = list(cached_batches(root, m, cfg.layers, 256, reader, seed=5, epochs=1))
+    live_list = list(live_batches(lm, cfg.layers, 256, cfg.data, reader, seed=5, device="cpu", epochs=1))
     assert len(cached_list) == len(live_list) > 30
     for a, b in zip(cached_list, live_list, strict=True):
         assert a.keys() == b.keys()
@@ -100,13 +101,13 @@ def test_live_batches_equal_cached_batches(cached, lm):
 
 def test_cached_reader_resumes_exactly(cached):
     cfg, root, m = cached
-    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=4000)
-    reader = cached_batches(root, m, cfg.layers, 512, data, seed=1)
+    settings = dataclasses.replace(cfg.reader, shuffle_buffer_tokens=4000)
+    reader = cached_batches(root, m, cfg.layers, 512, settings, seed=1)
     it = iter(reader)
     got = [next(it) for _ in range(11)]
     state = reader.state_dict()
     rest = [next(it) for _ in range(40)]  # crosses several fills and an epoch boundary
-    again = cached_batches(root, m, cfg.layers, 512, data, seed=1)
+    again = cached_batches(root, m, cfg.layers, 512, settings, seed=1)
     again.load_state_dict(state)
     it2 = iter(again)
     for want in rest:
@@ -122,8 +123,8 @@ def _train_rows(root, m, layer="1"):
 
 def test_reader_batches_mix_rows_of_several_shards(cached):
     cfg, root, m = cached
-    data = dataclasses.replace(cfg.data, shuffle_buffer_tokens=8000, shuffle_shards=False)
-    batch = next(iter(cached_batches(root, m, [1], 1000, data, seed=0)))[1]
+    reader = dataclasses.replace(cfg.reader, shuffle_buffer_tokens=8000, shuffle_shards=False)
+    batch = next(iter(cached_batches(root, m, [1], 1000, reader, seed=0)))[1]
     per_shard = _train_rows(root, m)
     owner = [next(i for i, s in enumerate(per_shard) if (s == row).all(1).any()) for row in batch]
     assert len(set(owner)) >= 3  # the buffer mixes shards, not only their order
@@ -132,7 +133,7 @@ def test_reader_batches_mix_rows_of_several_shards(cached):
 def test_ranks_read_disjoint_shards_that_cover_the_split(cached):
     cfg, root, m = cached
     rows = [
-        torch.cat([b[1] for b in cached_batches(root, m, [1], 256, cfg.data, seed=0, rank=r, world=2, epochs=1)])
+        torch.cat([b[1] for b in cached_batches(root, m, [1], 256, cfg.reader, seed=0, rank=r, world=2, epochs=1)])
         for r in (0, 1)
     ]
     allrows = torch.cat(_train_rows(root, m))
@@ -143,7 +144,7 @@ def test_ranks_read_disjoint_shards_that_cover_the_split(cached):
 
 
 def test_a_torn_progress_line_is_cut_before_the_next_record(tmp_path):
-    from qscope_train.cache import _Progress
+    from qscope_train.data.writer import _Progress
 
     p = _Progress(tmp_path, 0, {"fp": 1})
     p.commit({"chunk": 0}, {"next_chunk": 1, "stream": [0, 0], "medians": {}})
@@ -172,8 +173,8 @@ def test_damaged_shard_is_an_error_naming_it_or_skipped_on_request(cached, tmp_p
         del data[len(data) // 2 :]
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match="train/layer2/shard-000007.zst is corrupt"):
-        list(cached_batches(root, m, [2], 512, cfg.data, seed=0, epochs=1))
-    skip = dataclasses.replace(cfg.data, on_corrupt=OnCorrupt.skip)
+        list(cached_batches(root, m, [2], 512, cfg.reader, seed=0, epochs=1))
+    skip = dataclasses.replace(cfg.reader, on_corrupt=OnCorrupt.skip)
     with pytest.warns(UserWarning, match="shard-000007.zst"):
         rows = sum(b[2].shape[0] for b in cached_batches(root, m, [2], 512, skip, seed=0, epochs=1))
     assert (
@@ -281,7 +282,7 @@ def test_a_cache_from_other_weights_at_the_same_path_is_refused(fixtures_dir, tm
 
 
 def test_verify_command_checks_every_listed_file(cached, tmp_path, capsys):
-    """`python -m qscope_train.shards verify` hashes every listed file (shards, token ids, positions)."""
+    """`python -m qscope_train.data.shards verify` hashes every listed file (shards, token ids, positions)."""
     cfg, root, m = cached
     root = _copy(root, tmp_path)
     assert shards.main(["verify", str(root)]) == 0

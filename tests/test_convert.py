@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qscope_train import convert, release
+from qscope_train import convert, load, release
 from qscope_train.config import Activation
 from qscope_train.errors import QScopeError
 from qscope_train.sae import TopKSAE
@@ -166,15 +166,15 @@ def test_hookpoint_names_map_to_decoder_layers(tmp_path):
 def test_load_sae_reads_a_sparsify_directory(tmp_path):
     run = make_run(tmp_path / "run")
     weights = sparsify_weights(seed=1)  # model.layers.3 was written with seed 1
-    for sae in (release.load_sae(run, layer=3), release.load_sae(run / "model.layers.3")):
+    for sae in (load.load_sae(run, layer=3), load.load_sae(run / "model.layers.3")):
         assert (sae.k, sae.activation, sae.d_model, sae.d_sae) == (K, Activation.relu_topk, D_IN, D_SAE)
         assert_matches_sparsify(sae, weights, residual_like())
-    assert release.resolve(run, 11) == run / "language_model.layers.11"
-    assert release.load_sae(run, layer=3, k=2).k == 2  # explicit arguments still win
+    assert load.resolve(run, 11) == run / "language_model.layers.11"
+    assert load.load_sae(run, layer=3, k=2).k == 2  # explicit arguments still win
     with pytest.raises(FileNotFoundError, match=r"no sparsify hookpoint for layer 5; it has layers \[0, 3, 11\]"):
-        release.load_sae(run, layer=5)
+        load.load_sae(run, layer=5)
     with pytest.raises(ValueError, match="say which layer"):
-        release.load_sae(run)
+        load.load_sae(run)
 
 
 def test_import_writes_release_files_and_sidecars(tmp_path):
@@ -192,7 +192,7 @@ def test_import_writes_release_files_and_sidecars(tmp_path):
         "imported_from": str(run),
     }
     assert side["hookpoint"] == "language_model.layers.11" and side["sparsify_cfg"]["d_in"] == D_IN
-    assert_matches_sparsify(release.load_sae(out, layer=11), sparsify_weights(seed=2), residual_like())
+    assert_matches_sparsify(load.load_sae(out, layer=11), sparsify_weights(seed=2), residual_like())
     with pytest.raises(FileNotFoundError, match=r"layer\(s\) \[5\]"):
         convert.import_sparsify(run, out, layers=[0, 5])
 
@@ -250,7 +250,7 @@ def test_real_sparsify_checkpoint_round_trips(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     want = torch.load(tmp_path / "expected.pt", weights_only=True)
     convert.import_sparsify(tmp_path / "run", tmp_path / "out")
-    for sae in (release.load_sae(tmp_path / "out", layer=3), release.load_sae(tmp_path / "run", layer=3)):
+    for sae in (load.load_sae(tmp_path / "out", layer=3), load.load_sae(tmp_path / "run", layer=3)):
         z = sae.encode(want["x"])
         assert torch.equal(z != 0, want["z"] != 0)
         torch.testing.assert_close(z, want["z"], atol=1e-4, rtol=1e-5)

@@ -18,7 +18,7 @@ from typing import Optional
 import pytest
 import torch
 
-from qscope_train import release
+from qscope_train import load, release
 from qscope_train.config import Activation
 from qscope_train.sae import TopKSAE
 
@@ -105,7 +105,7 @@ def test_saelens_qwen_scope_loader_matches_our_encode_and_decode(tmp_path):
     }
     theirs = torch.load(tmp_path / "out.pt", weights_only=True)
 
-    ours = release.load_sae(snapshot, layer=LAYER)
+    ours = load.load_sae(snapshot, layer=LAYER)
     assert (ours.k, ours.activation) == (K, Activation.relu_topk)
     with torch.no_grad():
         z = ours.encode(x)

@@ -15,13 +15,13 @@ import torch
 from accelerate import Accelerator
 from conftest import card_get_feature_acts
 
-from qscope_train import release
+from qscope_train import load, release
 from qscope_train.cli import compose
 from qscope_train.config import Activation, DataConfig, ModelConfig
+from qscope_train.data.tokens import load_text_dataset, token_stream
 from qscope_train.lm import load_lm, run_captured
 from qscope_train.pipeline import run
 from qscope_train.sae import TopKSAE
-from qscope_train.tokens import load_text_dataset, token_stream
 
 SMALL = ["data.train_tokens=65536", "data.eval_tokens=8192", "data.shard_tokens=8192", "trainer.batch_size=512"]
 
@@ -101,7 +101,7 @@ def test_exported_file_gives_the_cards_features_on_real_activations(demo, fixtur
     for n, x in acts.items():
         path = run_dir / "export" / f"layer{n}.sae.pt"
         card_sae = torch.load(path, map_location="cpu", weights_only=True)  # what the card's snippet does
-        ours = release.load_sae(run_dir / "export", layer=n)
+        ours = load.load_sae(run_dir / "export", layer=n)
         assert ours.k == cfg.sae.k
         card = card_get_feature_acts(card_sae, x, cfg.sae.k)
         assert torch.equal(ours.encode(x), card)
@@ -119,7 +119,7 @@ def test_exported_file_gives_the_cards_features_on_real_activations(demo, fixtur
     # the same check on random inputs far from the training distribution
     x = torch.randn(256, 64) * 4
     assert torch.equal(
-        release.load_sae(run_dir / "export", layer=1).encode(x),
+        load.load_sae(run_dir / "export", layer=1).encode(x),
         card_get_feature_acts(torch.load(run_dir / "export" / "layer1.sae.pt", weights_only=True), x, cfg.sae.k),
     )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import random_release
 
-from qscope_train import release
+from qscope_train import load, release
 from qscope_train.release import ReleaseFormatError, ReleaseName
 
 
@@ -118,20 +118,20 @@ def test_release_names_parse_and_format():
 
 def test_directory_needs_an_existing_layer(tmp_path):
     release.save_tensors(tmp_path / "layer2.sae.pt", random_release())
-    assert release.resolve(tmp_path, 2) == tmp_path / "layer2.sae.pt"
+    assert load.resolve(tmp_path, 2) == tmp_path / "layer2.sae.pt"
     with pytest.raises(FileNotFoundError, match=r"layer5.sae.pt does not exist.*layer2.sae.pt"):
-        release.resolve(tmp_path, 5)
+        load.resolve(tmp_path, 5)
     with pytest.raises(ValueError, match="say which layer"):
-        release.resolve(tmp_path)
+        load.resolve(tmp_path)
 
 
 def test_load_sae_reads_k_from_the_directory_name(tmp_path):
     d = tmp_path / "SAE-Res-Tiny-W1K-L0_7"
     release.save_tensors(d / "layer1.sae.pt", random_release(d_model=8, d_sae=1024))
-    sae = release.load_sae(d, layer=1)
+    sae = load.load_sae(d, layer=1)
     assert (sae.k, sae.d_sae, sae.d_model) == (7, 1024, 8)
     with pytest.raises(ValueError, match="cannot tell k"):
-        release.load_sae(release.save_tensors(tmp_path / "plain" / "layer1.sae.pt", random_release()))
+        load.load_sae(release.save_tensors(tmp_path / "plain" / "layer1.sae.pt", random_release()))
 
 
 def test_hub_repo_id_loads_from_the_local_hf_cache_offline(tmp_path):
@@ -147,8 +147,8 @@ def test_hub_repo_id_loads_from_the_local_hf_cache_offline(tmp_path):
     code = textwrap.dedent(
         f"""
         import torch
-        from qscope_train import release
-        sae = release.load_sae({repo!r}, layer=3)
+        from qscope_train import load
+        sae = load.load_sae({repo!r}, layer=3)
         want = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         assert sae.k == 100, sae.k
         assert all(torch.equal(getattr(sae, k), want[k]) for k in want)
@@ -163,4 +163,4 @@ def test_hub_repo_id_loads_from_the_local_hf_cache_offline(tmp_path):
 
 def test_unknown_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither an existing file or directory nor a hub repo id"):
-        release.resolve(str(tmp_path / "nope" / "x" / "y"), 0)
+        load.resolve(str(tmp_path / "nope" / "x" / "y"), 0)

@@ -93,6 +93,6 @@ def test_latent_major_pieces_match_their_dense_forms():
     S = torch.zeros(F, B).index_put_((idx.reshape(-1), torch.arange(B).repeat_interleave(M)), w.reshape(-1))
     torch.testing.assert_close(pairs.weighted_rows(w, y), S @ y)
     want = (W[idx] * y[:, None, :]).sum(-1)
-    assert sae_module._PER_SAMPLE_BACKWARD is not None  # the pinned torch has the fast op: it is what runs
+    assert sae_module.per_sample_backward() is not None  # the pinned torch has the fast op: it is what runs
     torch.testing.assert_close(pairs.dots(y, W), want)
     torch.testing.assert_close(sampled_dots(idx, y, W, F), want)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from qscope_train import shards
 from qscope_train.config import Verify
-from qscope_train.shards import Codec, CorruptShardError
+from qscope_train.data import shards
+from qscope_train.data.shards import Codec, CorruptShardError
 
 
 @pytest.mark.parametrize(

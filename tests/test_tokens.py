@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from qscope_train.activations import ActivationFilter, RunningMedian
 from qscope_train.config import DataConfig, SequenceMode, TextFormat
-from qscope_train.tokens import StreamState, load_text_dataset, special_token_ids, token_stream
+from qscope_train.data.activations import ActivationFilter, RunningMedian
+from qscope_train.data.tokens import StreamState, load_text_dataset, special_token_ids, token_stream
 
 
 @pytest.fixture(scope="module")

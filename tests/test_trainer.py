@@ -5,6 +5,7 @@ import torch
 
 from qscope_train import sae as sae_module
 from qscope_train.config import Activation, TrainerConfig
+from qscope_train.data.batches import Unseekable
 from qscope_train.losses import fvu
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
@@ -22,7 +23,7 @@ def _dense_reference(sae: TopKSAE, x):
 @pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
 def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dots, monkeypatch):
     if dots == "sampled_addmm":  # the public fallback where torch lacks the internal op
-        monkeypatch.setattr(sae_module, "_PER_SAMPLE_BACKWARD", None)
+        monkeypatch.setattr(sae_module, "per_sample_backward", lambda: None)
     torch.manual_seed(0)
     sae = TopKSAE(16, 128, 8)
     with torch.no_grad():
@@ -68,7 +69,7 @@ DEAD_COUNTS = [10, 40, 128]
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
 def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, dots, monkeypatch):
     if dots == "sampled_addmm":
-        monkeypatch.setattr(sae_module, "_PER_SAMPLE_BACKWARD", None)
+        monkeypatch.setattr(sae_module, "per_sample_backward", lambda: None)
     sae, dead = _sae_with_dead(n_dead=n_dead)
     x = torch.randn(64, 16)
     out = sae(x)
@@ -105,8 +106,7 @@ def _sparse_data(n=4096, d=32, atoms=256, active=4, seed=0):
 
 def _batches(x, batch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    while True:
-        yield {0: x[torch.randint(0, x.shape[0], (batch,), generator=g)]}
+    return Unseekable({0: x[torch.randint(0, x.shape[0], (batch,), generator=g)]} for _ in iter(int, 1))
 
 
 def test_fifty_steps_lower_fvu_and_keep_decoder_columns_unit_norm():
@@ -137,7 +137,7 @@ def test_latents_that_never_fire_are_counted_dead():
 
 def test_non_finite_loss_stops_with_layer_and_step():
     sae = TopKSAE(8, 32, 4)
-    bad = iter([{3: torch.randn(16, 8)}, {3: torch.full((16, 8), float("nan"))}])
+    bad = Unseekable([{3: torch.randn(16, 8)}, {3: torch.full((16, 8), float("nan"))}])
     with pytest.raises(NonFiniteLossError, match="layer 3, step 1: loss is nan"):
         fit({3: sae}, bad, TrainerConfig(batch_size=16, warmup_steps=0), 2, "cpu", lambda s, m: None, NullBar)
 

@@ -1,4 +1,5 @@
-"""Activation batches for the trainer: {layer: (B, d_model)} dicts, from the cache or live from the model.
+"""Activation batches for the trainer: {layer: (B, d_model)} dicts, from the cache or live from the model,
+both behind the BatchSource interface.
 
 Both sources push per-layer blocks of rows (one cache shard, or one freshly computed chunk) through
 the same ShuffledBatches buffer, so with shuffle_shards=False and the same seed they yield the same
@@ -9,111 +10,51 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Protocol
 
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+from ..lm import LoadedLM
 from . import shards
-from .activations import ChunkRows, chunked, forward_chunk, make_filter
-from .cache import plan
-from .config import DataConfig, OnCorrupt
-from .errors import InputError
-from .lm import LoadedLM
+from .activations import live_chunks
+from .config import DataConfig, OnCorrupt, ReaderConfig
 from .shards import Codec, CorruptShardError
-from .tokens import load_text_dataset, token_stream
-
-Blocks = Iterator[tuple[Tensor, Any]]  # ((planes, rows, width) block, position after this block)
+from .shuffle import Blocks, ShuffledBatches, generator
 
 
-def _generator(*seeds: int) -> torch.Generator:
-    value = 0
-    for s in seeds:
-        value = (value * 1_000_003 + s) % (2**63 - 1)
-    return torch.Generator().manual_seed(value)
+class BatchSource(Protocol):
+    """What the trainer iterates: one {layer: (B, d_model) rows} dict per step.
 
-
-class ShuffledBatches:
-    """Fill a buffer with at least buffer_rows rows from the blocks, permute it (seeded per fill), yield
-    full batches, carry the remainder into the next fill. The state is (position at fill start, fill
-    number, batches already yielded from this fill, rows carried in), which restarts it exactly.
-
-    Blocks are (planes, rows, width) as Codec.decode_planes gives them; `finish` turns the gathered
-    rows of one batch into values, so only rows that are used are ever converted.
+    state_dict() is the exact position after the last batch handed out, or None when the source cannot
+    seek; load_state_dict() (before iterating) restarts there. Checkpoints and exact resume rely on both.
     """
 
-    def __init__(
-        self,
-        blocks_from: Callable[[Any], Blocks],
-        start_pos: Any,
-        batch_size: int,
-        buffer_rows: int,
-        seed: int,
-        finish: Callable[[Tensor], Tensor],
-    ) -> None:
-        self.blocks_from, self.batch_size, self.buffer_rows = blocks_from, batch_size, max(buffer_rows, batch_size)
-        self.seed, self.finish = seed, finish
-        self.state: dict = {"pos": start_pos, "fill": 0, "batch": 0, "carry": None}
+    def __iter__(self) -> Iterator[dict[int, Tensor]]: ...
+
+    def state_dict(self) -> Optional[dict]: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Unseekable:
+    """Any iterable of {layer: rows} batches as a BatchSource without a position (a resumed run restarts it)."""
+
+    def __init__(self, batches: Iterable[dict[int, Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[dict[int, Tensor]]:
+        return iter(self.batches)
+
+    def state_dict(self) -> None:
+        return None
 
     def load_state_dict(self, state: dict) -> None:
-        self.state = dict(state)
-
-    def state_dict(self) -> dict:
-        return dict(self.state)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        pos, fill, skip, carry = (self.state[k] for k in ("pos", "fill", "batch", "carry"))
-        blocks = self.blocks_from(pos)
-        exhausted = False
-        while not exhausted:
-            parts, n = ([carry] if carry is not None else []), (0 if carry is None else carry.shape[1])
-            next_pos = pos
-            for block, after in blocks:
-                next_pos = after
-                parts.append(block)
-                n += block.shape[1]
-                if n >= self.buffer_rows:
-                    break
-            else:
-                exhausted = True
-            if n == 0:
-                return
-            perm = torch.randperm(n, generator=_generator(self.seed, fill)).to(parts[0].device)
-            full = n // self.batch_size
-            stop = full if not exhausted or full * self.batch_size == n else full + 1  # last partial batch
-            for b in range(skip, stop):
-                self.state = {"pos": pos, "fill": fill, "batch": b + 1, "carry": carry}
-                yield self.finish(_gather(parts, perm[b * self.batch_size : (b + 1) * self.batch_size]))
-            carry = _gather(parts, perm[full * self.batch_size :]) if not exhausted else None
-            del parts
-            pos, fill, skip = next_pos, fill + 1, 0
-            self.state = {"pos": pos, "fill": fill, "batch": 0, "carry": carry}
-
-
-def _cpu(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.cpu()
-
-
-def _gather(parts: list[Tensor], idx: Tensor) -> Tensor:
-    """Rows idx of the blocks laid end to end along dim 1, without concatenating the blocks.
-
-    The indices are sorted first, so each block's rows form one run (and memory is read in order);
-    the order of rows inside a batch carries no meaning, and it stays deterministic.
-    """
-    idx = idx.sort().values
-    if len(parts) == 1 or idx.numel() == 0:
-        return parts[0].index_select(1, idx)
-    pieces, start = [], 0
-    cuts = torch.searchsorted(idx, torch.tensor([p.shape[1] for p in parts], device=idx.device).cumsum(0)).tolist()
-    offset = 0
-    for part, cut in zip(parts, cuts, strict=True):
-        if cut > start:
-            pieces.append(part.index_select(1, idx[start:cut] - offset))
-        start, offset = cut, offset + part.shape[1]
-    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        raise InputError("this activation source cannot seek to a saved position")
 
 
 class CachedBlocks:
@@ -125,7 +66,7 @@ class CachedBlocks:
         manifest: dict,
         split: str,
         layer: int,
-        cfg: DataConfig,
+        reader: ReaderConfig,
         seed: int,
         rank: int = 0,
         world: int = 1,
@@ -138,17 +79,17 @@ class CachedBlocks:
                 f"rank {rank} of {world} has no {split} shards of layer {layer} (the cache has {len(recs)})"
             )
         self.root, self.width, self.codec = root, manifest["d_model"], Codec(**manifest["codec"])
-        self.cfg, self.seed, self.epochs = cfg, seed, epochs
+        self.reader, self.seed, self.epochs = reader, seed, epochs
 
     def order(self, epoch: int) -> list[int]:
-        if not self.cfg.shuffle_shards:
+        if not self.reader.shuffle_shards:
             return list(range(len(self.recs)))
-        return torch.randperm(len(self.recs), generator=_generator(self.seed, 7919, epoch)).tolist()
+        return torch.randperm(len(self.recs), generator=generator(self.seed, 7919, epoch)).tolist()
 
     def __call__(self, pos: tuple[int, int]) -> Blocks:
         epoch, index = pos
-        ahead = self.cfg.reader_threads + 1
-        with ThreadPoolExecutor(self.cfg.reader_threads, thread_name_prefix="qscope-reader") as pool:
+        ahead = self.reader.threads + 1
+        with ThreadPoolExecutor(self.reader.threads, thread_name_prefix="qscope-reader") as pool:
             while self.epochs is None or epoch < self.epochs:
                 order = self.order(epoch)
                 todo, pending = deque(range(index, len(order))), deque()
@@ -165,13 +106,13 @@ class CachedBlocks:
     def _load(self, rec: shards.ShardRecord) -> Tensor:
         """Runs on a reader thread: verify and decompress into byte planes. No torch compute happens here:
         torch ops on several Python threads at once fight over the intra-op pool and run slower."""
-        return shards.read_shard_planes(self.root, rec, self.width, self.codec, self.cfg.verify_shards)
+        return shards.read_shard_planes(self.root, rec, self.width, self.codec, self.reader.verify_shards)
 
     def _result(self, fut) -> Tensor | None:
         try:
             return fut.result()
         except CorruptShardError as e:
-            if self.cfg.on_corrupt is OnCorrupt.skip:
+            if self.reader.on_corrupt is OnCorrupt.skip:
                 warnings.warn(f"skipping {e}", stacklevel=2)
                 return None
             raise
@@ -196,7 +137,7 @@ class LayerBatches:
         if not self.seekable:
             return None
         states = {str(n): b.state_dict() for n, b in self.buffers.items()}
-        return {n: {**st, "carry": _cpu(st["carry"])} for n, st in states.items()}
+        return {n: {**st, "carry": None if st["carry"] is None else st["carry"].cpu()} for n, st in states.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for n, b in self.buffers.items():
@@ -208,7 +149,7 @@ def cached_batches(
     manifest: dict,
     layers: Sequence[int],
     batch_size: int,
-    cfg: DataConfig,
+    reader: ReaderConfig,
     seed: int,
     split: str = "train",
     rank: int = 0,
@@ -224,10 +165,10 @@ def cached_batches(
     codec = Codec(**manifest["codec"])
     buffers = {
         n: ShuffledBatches(
-            CachedBlocks(root, manifest, split, n, cfg, seed + n, rank, world, epochs),
+            CachedBlocks(root, manifest, split, n, reader, seed + n, rank, world, epochs),
             (0, 0),
             batch_size,
-            cfg.shuffle_buffer_tokens,
+            reader.shuffle_buffer_tokens,
             seed + n,
             lambda x: codec.to_values(x, out_dtype),
         )
@@ -242,38 +183,6 @@ def eval_rows(root: Path, manifest: dict, layer: int, batch_size: int) -> Iterat
     for entry in manifest["splits"]["eval"]["layers"][str(layer)]["shards"]:
         shard = shards.read_shard(root, shards.ShardRecord(**entry), manifest["d_model"], codec, torch.float32)
         yield from shard.split(batch_size)
-
-
-def live_chunks(
-    lm: LoadedLM,
-    layers: Sequence[int],
-    cfg: DataConfig,
-    split: str,
-    device,
-    rank: int = 0,
-    world: int = 1,
-    epochs: int | None = 1,
-    full: bool = False,
-) -> Iterator[dict[int, Tensor]] | Iterator[ChunkRows]:
-    """Run the model over one split's chunks (this rank's share); yields {layer: filtered rows} per chunk,
-    or with full=True the whole ChunkRows (rows, positions, token ids and filter counts)."""
-    chunks = plan(cfg)[split]
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        filt = make_filter(lm, cfg)  # fresh running medians each pass, as the cache does per split
-        stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg)
-        produced = False
-        for c, seqs in enumerate(chunked(stream, cfg.shard_sequences)):
-            if c >= chunks.stop:
-                break
-            if c < chunks.start or c % world != rank:
-                continue
-            produced = True
-            chunk = forward_chunk(lm, layers, seqs, cfg, filt, device)
-            yield chunk if full else chunk.rows
-        if not produced:
-            raise InputError(f"the live {split} split has no sequences for rank {rank}")
-        epoch += 1
 
 
 class _FanOut:
@@ -304,7 +213,8 @@ def live_batches(
     lm: LoadedLM,
     layers: Sequence[int],
     batch_size: int,
-    cfg: DataConfig,
+    data: DataConfig,
+    reader: ReaderConfig,
     seed: int,
     device,
     split: str = "train",
@@ -318,10 +228,11 @@ def live_batches(
     Rows are rounded to the cache dtype first, exactly as the cache stores them. Live batches do not
     resume mid-run: a restarted run recomputes the stream from its beginning.
     """
-    fan = _FanOut(live_chunks(lm, layers, cfg, split, device, rank, world, epochs), layers)
+    chunks = (chunk.rows for chunk in live_chunks(lm, layers, data, split, device, rank, world, epochs))
+    fan = _FanOut(chunks, layers)
     buffers = {
         n: ShuffledBatches(
-            fan.blocks(n), 0, batch_size, cfg.shuffle_buffer_tokens, seed + n, lambda x: x[0].to(out_dtype)
+            fan.blocks(n), 0, batch_size, reader.shuffle_buffer_tokens, seed + n, lambda x: x[0].to(out_dtype)
         )
         for n in layers
     }

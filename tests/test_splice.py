@@ -4,12 +4,12 @@ import pytest
 import torch
 from conftest import random_release
 
-from qscope_train.activations import make_filter
 from qscope_train.config import Activation, DataConfig, ModelConfig
-from qscope_train.downstream import downstream_metrics, logits, sae_replace
+from qscope_train.data.activations import make_filter
+from qscope_train.data.tokens import batched, load_text_dataset, token_stream
 from qscope_train.lm import load_lm, run_captured
 from qscope_train.sae import TopKSAE
-from qscope_train.tokens import batched, load_text_dataset, token_stream
+from qscope_train.splice import downstream_metrics, logits, sae_replace
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ import torch
 import zstandard
 from torch import Tensor
 
+from ..errors import MissingInputError, QScopeError
+from ..fsutil import atomic_write_bytes, atomic_write_json, read_json
 from .config import Verify
-from .errors import MissingInputError, QScopeError
-from .fsutil import atomic_write_bytes, atomic_write_json, read_json
 
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int32": torch.int32}
 MANIFEST = "manifest.json"
@@ -229,8 +229,8 @@ def verify_cache(root: Path, progress=None) -> tuple[int, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m qscope_train.shards verify CACHE_DIR: the full sha256 check, e.g. after copying a cache."""
-    parser = argparse.ArgumentParser(prog="python -m qscope_train.shards", description=main.__doc__)
+    """python -m qscope_train.data.shards verify CACHE_DIR: the full sha256 check, e.g. after copying a cache."""
+    parser = argparse.ArgumentParser(prog="python -m qscope_train.data.shards", description=main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("verify", help="check every file of a cache against its manifest").add_argument("cache")
     args = parser.parse_args(argv)

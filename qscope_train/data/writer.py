@@ -1,4 +1,4 @@
-"""The cache stage: one truncated forward per batch for every layer, written as checksummed shards.
+"""The resumable cache writer: one truncated forward per batch for every layer, written as checksummed shards.
 
 The sequence stream is cut into chunks of shard_tokens; chunk c is one shard per layer, written
 by rank c % world. After a chunk's shards are on disk, the rank appends a line to its progress
@@ -10,7 +10,6 @@ main process merges the ranks' logs into manifest.json once every rank is done.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import threading
@@ -20,14 +19,15 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+from ..fsutil import atomic_write_json, read_json
+from ..lm import LoadedLM, weights_digest
+from ..schema import fingerprint, fingerprint_diff
 from . import shards
 from .activations import ChunkRows, FilterCounts, RunningMedian, chunked, forward_chunk, make_filter
-from .config import DataConfig, fingerprint_diff, to_plain
-from .errors import InputError
-from .fsutil import atomic_write_json, read_json
-from .lm import LoadedLM, weights_digest
+from .config import DataConfig
 from .shards import Codec
-from .tokens import StreamState, load_text_dataset, token_stream
+from .tokens import StreamState, load_text_dataset, plan, split_of, token_stream
 
 CACHE_FORMAT = 3  # 3: shards carry zstd's content checksum (Codec.frame_checksum)
 SPLITS = ("eval", "train")
@@ -37,7 +37,7 @@ def codec_for(cfg: DataConfig) -> Codec:
     return Codec(cfg.cache_dtype.value, cfg.byte_split, cfg.zstd_level, frame_checksum=True)
 
 
-def fingerprint(
+def cache_fingerprint(
     model: str,
     revision: str | None,
     layers: Sequence[int],
@@ -47,8 +47,6 @@ def fingerprint(
     weights: str | None = None,
 ) -> dict:
     """Everything that decides the cached bytes; a cache is reused or resumed only when this matches."""
-    reader_only = {"source", "shuffle_buffer_tokens", "shuffle_shards", "reader_threads", "on_corrupt", "verify_shards"}
-    data = {k: v for k, v in to_plain(cfg).items() if k not in reader_only}
     return {
         "format": CACHE_FORMAT,
         "model": model,
@@ -56,20 +54,9 @@ def fingerprint(
         "weights": weights,
         "model_dtype": dtype,
         "layers": sorted(layers),
-        "data": data,
+        "data": fingerprint(cfg),
         "world": world,
     }
-
-
-def plan(cfg: DataConfig) -> dict[str, range]:
-    """Global chunk indices of each split: the held-out chunks come first in the stream."""
-    per_chunk = cfg.shard_sequences * cfg.context_len
-    n_eval, n_train = math.ceil(cfg.eval_tokens / per_chunk), math.ceil(cfg.train_tokens / per_chunk)
-    return {"eval": range(0, n_eval), "train": range(n_eval, n_eval + n_train)}
-
-
-def split_of(chunk: int, chunks: dict[str, range]) -> str:
-    return next(s for s, r in chunks.items() if chunk in r)
 
 
 class _Progress:
@@ -191,7 +178,7 @@ def build_cache(
 ) -> dict:
     """Write (or finish) the cache under root and return its manifest."""
     model_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    fp = fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype, weights_digest(lm.name, revision))
+    fp = cache_fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype, weights_digest(lm.name, revision))
     if (root / shards.MANIFEST).is_file():
         old = shards.read_manifest(root)
         if old.get("fingerprint") == fp:

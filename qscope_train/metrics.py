@@ -1,7 +1,7 @@
 """Held-out reconstruction metrics for one SAE: FVU (centered and uncentered), MSE, cosine, relative
 norm, L0, dead and dense fractions, and the log10 firing-frequency histogram.
 
-Spliced next-token loss lives in downstream.py; the markdown/PNG report in report.py.
+Spliced next-token loss lives in splice.py; the markdown/PNG report in report.py.
 """
 
 from __future__ import annotations

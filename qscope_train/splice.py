@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import ActivationFilter
+from .data.activations import ActivationFilter
+from .data.tokens import Sequence as TokSeq
+from .data.tokens import batched
 from .lm import LoadedLM
 from .sae import TopKSAE
-from .tokens import Sequence as TokSeq
-from .tokens import batched
 
 Replace = Callable[[Tensor], Tensor]  # (B, T, d_model) layer output -> its stand-in, same shape and dtype
 

@@ -1,4 +1,5 @@
-"""Datasets to fixed-length token sequences, in a deterministic order that can resume exactly.
+"""Datasets to fixed-length token sequences, in a deterministic order that can resume exactly, and the
+chunk plan that says which chunks of that stream are held out.
 
 Two modes: `packed` joins documents with EOS and cuts every context_len tokens; `per_sequence`
 gives each document (or chat conversation, rendered with the tokenizer's chat template) its own
@@ -7,6 +8,7 @@ right-padded sequence. The stream position after every sequence is a small Strea
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -16,8 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from .config import DataConfig, SequenceMode, TextFormat
-from .errors import InputError
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TOKENIZE_CHUNK = 256
@@ -148,3 +150,25 @@ def special_token_ids(tokenizer, extra: Iterable[int] = ()) -> list[int]:
     ids.update(i for i, tok in added.items() if getattr(tok, "special", False))
     ids.update(extra)
     return sorted(ids)
+
+
+def plan(cfg: DataConfig) -> dict[str, range]:
+    """Global chunk indices of each split (a chunk is shard_tokens of sequences): the held-out chunks
+    come first in the stream, so no training chunk ever precedes a held-out one."""
+    per_chunk = cfg.shard_sequences * cfg.context_len
+    n_eval, n_train = math.ceil(cfg.eval_tokens / per_chunk), math.ceil(cfg.train_tokens / per_chunk)
+    return {"eval": range(0, n_eval), "train": range(n_eval, n_eval + n_train)}
+
+
+def split_of(chunk: int, chunks: dict[str, range]) -> str:
+    return next(s for s, r in chunks.items() if chunk in r)
+
+
+def heldout_sequences(tokenizer, cfg: DataConfig, n_tokens: int) -> list[Sequence]:
+    """The first sequences of the held-out split (the stream's first chunks), up to n_tokens tokens."""
+    n_eval = len(plan(cfg)["eval"]) * cfg.shard_sequences
+    n_seq = min(max(1, n_tokens // cfg.context_len), n_eval)
+    seqs = list(islice(token_stream(load_text_dataset(cfg), tokenizer, cfg), n_seq))
+    if not seqs:
+        raise InputError(f"the dataset {cfg.dataset!r} gave no sequences for the spliced-loss evaluation")
+    return seqs

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qscope_train.evaluate import Evaluator
+from qscope_train.metrics import Evaluator
 from qscope_train.sae import TopKSAE
 
 

@@ -2,7 +2,7 @@
 
 Filters (each configurable and counted per layer): position 0 (the attention sink), right padding,
 special tokens, and rows whose norm exceeds outlier_norm_factor × the layer's running median norm.
-A chunk is the unit that the cache stores as one shard per layer and that live mode hands on.
+A chunk is the unit that the cache writer stores as one shard per layer and that live_chunks hands on.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+from ..lm import LoadedLM, run_captured
 from .config import DataConfig
-from .lm import LoadedLM, run_captured
 from .tokens import Sequence as TokSeq
-from .tokens import StreamState, batched, special_token_ids
+from .tokens import StreamState, batched, load_text_dataset, plan, special_token_ids, token_stream
 
 
 @dataclass
@@ -159,3 +160,33 @@ def chunked(seqs: Iterator[TokSeq], size: int) -> Iterator[list[TokSeq]]:
 
 def make_filter(lm: LoadedLM, cfg: DataConfig, medians: dict[int, RunningMedian] | None = None) -> ActivationFilter:
     return ActivationFilter(cfg, special_token_ids(lm.tokenizer), medians if medians is not None else {})
+
+
+def live_chunks(
+    lm: LoadedLM,
+    layers: Sequence[int],
+    cfg: DataConfig,
+    split: str,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    epochs: int | None = 1,
+) -> Iterator[ChunkRows]:
+    """Run the model over one split's chunks (this rank's share), as the cache writer would, yielding
+    each chunk's ChunkRows (rows per layer, positions, token ids and filter counts); nothing is stored."""
+    chunks = plan(cfg)[split]
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        filt = make_filter(lm, cfg)  # fresh running medians each pass, as the cache does per split
+        stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg)
+        produced = False
+        for c, seqs in enumerate(chunked(stream, cfg.shard_sequences)):
+            if c >= chunks.stop:
+                break
+            if c < chunks.start or c % world != rank:
+                continue
+            produced = True
+            yield forward_chunk(lm, layers, seqs, cfg, filt, device)
+        if not produced:
+            raise InputError(f"the live {split} split has no sequences for rank {rank}")
+        epoch += 1

@@ -1,0 +1,173 @@
+"""The fit stage: train one TopK SAE per layer from cached or live activations, data parallel over the
+launched processes (or layer-sharded), and write fit/layer<n>.sae.pt + layer<n>.json."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import __version__, distributed, release
+from ..config import ActivationSource, RunConfig, fingerprint, to_plain
+from ..data.batches import BatchSource, cached_batches, live_batches
+from ..errors import ConfigError, InputError
+from ..lm import load_lm
+from ..load import check_d_model, load_saes
+from ..rundir import RunDirs, cache_manifest
+from ..sae import TopKSAE
+from ..tracking import Tracker
+from ..trainer import Checkpoints, fit
+
+
+class Source(NamedTuple):
+    """The activations one rank trains on, and what the run needs to know about them."""
+
+    batches: BatchSource
+    steps: int
+    d_model: int
+    model_name: str
+    cache_fingerprint: Optional[dict]  # None for a live source
+
+
+def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[int, dict]:
+    """Data parallel over the launched processes: rank r reads its own shards (or live chunks) and
+    batch_size / world rows per step; gradients and dead-latent counts are summed over ranks.
+
+    With trainer.layer_sharding, rank r instead trains layers[r::world] alone, on full batches of all
+    shards, and writes their files itself; the main process logs its own layers."""
+    t = cfg.trainer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    check_processes(cfg, world)
+    sharded = t.layer_sharding and world > 1
+    layers = cfg.layers[rank::world] if sharded else list(cfg.layers)
+    source = activation_source(cfg, dirs, layers, accelerator.device, *((0, 1) if sharded else (rank, world)))
+    saes = initial_saes(cfg, source.d_model, layers)
+    if t.k_start is not None and not saes[layers[0]].k < t.k_start <= saes[layers[0]].d_sae:
+        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[layers[0]].k}) and d_sae")
+    resume_key = {
+        "layers": layers,
+        "sae": fingerprint(cfg.sae),
+        "trainer": fingerprint(t),
+        "steps": source.steps,
+        "model": cfg.model.name_or_path,
+        "init_from": cfg.init_from,
+        "reader": fingerprint(cfg.reader),
+        "cache": source.cache_fingerprint,
+        "world": world,
+    }
+    ckpt_dir = dirs.checkpoints / (f"rank{rank}-of-{world}" if sharded else "")
+    ckpts = Checkpoints(ckpt_dir, t.checkpoint_every, t.keep_checkpoints, resume_key)
+    with distributed.local() if sharded else nullcontext():
+        summary = fit(
+            saes,
+            source.batches,
+            t,
+            source.steps,
+            accelerator.device,
+            lambda s, m: tracker.log("fit", s, m),
+            tracker.progress,
+            init_b_dec=cfg.init_from is None,
+            checkpoints=ckpts,
+        )
+    if sharded or accelerator.is_main_process:
+        for n, sae in saes.items():
+            release.save_tensors(dirs.sae_file(dirs.fit, n), sae.to_release())
+            meta = layer_meta(cfg, source.model_name, n, sae, summary[n])
+            release.write_sidecar(dirs.sidecar(dirs.fit, n), meta)
+    return summary
+
+
+def check_processes(cfg: RunConfig, world: int) -> None:
+    """Refuse a process count the fit cannot use: before any stage runs, so no caching is wasted."""
+    t = cfg.trainer
+    if t.layer_sharding and world > len(cfg.layers) > 0:
+        raise ConfigError(f"trainer.layer_sharding: {world} processes for {len(cfg.layers)} layers leaves some idle")
+    if world > 1 and not t.layer_sharding and t.batch_size % world:
+        raise ConfigError(f"trainer.batch_size={t.batch_size} must divide evenly over {world} processes")
+
+
+def activation_source(cfg: RunConfig, dirs: RunDirs, layers: list[int], device, rank: int, world: int) -> Source:
+    """This rank's batches (batch_size / world rows per layer and step), from the model or the cache.
+    rank and world say who splits the activation stream (0 and 1 when each rank reads all of it)."""
+    local_batch = cfg.trainer.batch_size // world
+    if cfg.reader.source is ActivationSource.live:
+        lm = load_lm(cfg.model, device)
+        steps = cfg.trainer.max_steps or max(1, cfg.data.train_tokens // cfg.trainer.batch_size)
+        batches = live_batches(
+            lm, layers, local_batch, cfg.data, cfg.reader, cfg.trainer.seed, device, rank=rank, world=world
+        )
+        return Source(batches, steps, lm.d_model, lm.name, None)
+    manifest = cache_manifest(cfg, dirs)
+    steps = cfg.trainer.max_steps or _cached_steps(manifest, cfg, world)
+    batches = cached_batches(
+        dirs.cache, manifest, layers, local_batch, cfg.reader, cfg.trainer.seed, rank=rank, world=world
+    )
+    return Source(batches, steps, manifest["d_model"], manifest["model"], manifest["fingerprint"])
+
+
+def _cached_steps(manifest: dict, cfg: RunConfig, readers: int) -> int:
+    """One pass over the smallest layer's training rows (the same for every rank and every sharding)."""
+    train = manifest["splits"]["train"]["layers"]
+    few = [n for n in cfg.layers if len(train[str(n)]["shards"]) < readers]
+    if few:
+        raise InputError(
+            f"layers {few} have fewer training shards than the {readers} processes: cache more tokens "
+            "(data.train_tokens) or smaller shards (data.shard_tokens), or launch fewer processes"
+        )
+    rows = min(train[str(n)]["rows"] for n in cfg.layers)
+    if rows < cfg.trainer.batch_size:
+        raise InputError(
+            f"the cached training split has {rows:,} rows on its smallest layer, fewer than one batch "
+            f"(trainer.batch_size={cfg.trainer.batch_size}): cache more tokens (data.train_tokens) or lower the batch size"
+        )
+    return max(1, rows // cfg.trainer.batch_size)
+
+
+def initial_saes(cfg: RunConfig, d_model: int, layers: Optional[list[int]] = None) -> dict[int, TopKSAE]:
+    """Fresh SAEs (unit-norm random decoder, tied encoder; layer n from seed + n, so a layer starts the
+    same whichever other layers train beside it), or the release named by init_from."""
+    layers = list(cfg.layers) if layers is None else layers
+    if cfg.init_from is None:
+        saes = {}
+        for n in layers:
+            saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
+            saes[n].init_weights_(generator=torch.Generator().manual_seed(cfg.trainer.seed + n))
+        return saes
+    saes = load_saes(cfg.init_from, layers, cfg.init_from_revision, cfg.sae.activation)
+    check_d_model(saes, f"init_from={cfg.init_from!r}", d_model, cfg.model.name_or_path)
+    first = saes[layers[0]]
+    if (first.d_sae, first.k) != (cfg.sae.d_sae, cfg.sae.k):
+        print(f"init_from: using the checkpoint's d_sae={first.d_sae}, k={first.k} (sae.* settings ignored)")
+    return saes
+
+
+def release_name(cfg: RunConfig, d_sae: int, k: int) -> str:
+    model = cfg.release_model_name or Path(cfg.model.name_or_path.rstrip("/")).name
+    if d_sae % 1024 == 0:
+        return str(release.ReleaseName.for_sae(model, d_sae, k))
+    return f"SAE-Res-{model}-W{d_sae}-L0_{k}"
+
+
+def layer_meta(cfg: RunConfig, model_name: str, n: int, sae: TopKSAE, summary: Optional[dict]) -> dict:
+    """The layer<n>.json sidecar: what the SAE reads, its shape, and how it was trained."""
+    return {
+        "format": "qwen-scope layer<n>.sae.pt",
+        "release_name": release_name(cfg, sae.d_sae, sae.k),
+        "model": model_name,
+        "model_revision": cfg.model.revision,
+        "layer": n,
+        "hook_point": release.HOOK_POINT,
+        "d_model": sae.d_model,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "activation": sae.activation.value,
+        "init_from": cfg.init_from,
+        "tokens_trained": (summary or {}).get("tokens_trained", 0),
+        "train": summary or {},
+        "data": to_plain(cfg.data),
+        "reader": to_plain(cfg.reader),
+        "trainer": to_plain(cfg.trainer),
+        "qscope_train_version": __version__,
+    }
