@@ -137,3 +137,28 @@ def test_cli_typo_exits_with_hydras_message(tmp_path):
     )
     assert out.returncode != 0
     assert "Key 'bach_size' not in 'TrainerConfig'" in out.stderr
+
+
+def test_reader_keys_of_old_command_lines_still_work_and_name_the_new_key(capsys):
+    cfg = compose(["experiment=demo", "data.source=live", "data.reader_threads=3", "data.shuffle_shards=false"])
+    assert cfg.reader.source.value == "live" and cfg.reader.threads == 3 and cfg.reader.shuffle_shards is False
+    err = capsys.readouterr().err
+    assert "data.source is now reader.source" in err and "data.reader_threads is now reader.threads" in err
+    with pytest.raises((ConfigAttributeError, ConfigKeyError, ConfigCompositionException)):
+        compose(["experiment=demo", "reader.reader_threads=3"])  # a typo in the new group is still refused
+
+
+def test_fingerprints_ignore_reader_and_operational_settings_but_not_the_rest():
+    from qscope_train.config import fingerprint
+    from qscope_train.data.writer import cache_fingerprint
+
+    base = compose(["experiment=demo"])
+    other = compose(["experiment=demo", "reader.threads=1", "reader.verify_shards=sha256", "reader.shuffle_shards=false"])
+    assert cache_fingerprint("m", None, [1], base.data, 1) == cache_fingerprint("m", None, [1], other.data, 1)
+    assert fingerprint(base.reader) != fingerprint(other.reader)  # shuffle_shards changes the batches
+    assert set(fingerprint(base.reader)) == {"source", "shuffle_buffer_tokens", "shuffle_shards"}
+    quiet = compose(["experiment=demo", "trainer.log_every=7", "trainer.checkpoint_every=3"])
+    assert fingerprint(quiet.trainer) == fingerprint(base.trainer)
+    assert fingerprint(compose(["experiment=demo", "trainer.lr=0.01"]).trainer) != fingerprint(base.trainer)
+    moved = compose(["experiment=demo", "data.context_len=64"])
+    assert cache_fingerprint("m", None, [1], moved.data, 1) != cache_fingerprint("m", None, [1], base.data, 1)
