@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,9 @@ def random_release(d_model: int = 16, d_sae: int = 64, seed: int = 0) -> dict[st
         "b_enc": torch.randn(d_sae, generator=g) * 0.1,
         "b_dec": torch.randn(d_model, generator=g) * 0.1,
     }
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """torchrun on this machine with a free port of its own (--standalone): fixed ports collide when two
+    test runs share a machine, or with a port another program holds."""
+    return [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]

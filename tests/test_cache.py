@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import torchrun
 
 from qscope_train.cli import compose
 from qscope_train.config import OnCorrupt
@@ -233,13 +234,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_cache(fixtures_dir, tmp_path)
 def test_two_processes_write_disjoint_shards_and_one_merged_manifest(cached, fixtures_dir, tmp_path):
     cfg, root, ref = cached
     env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    torchrun = Path(sys.executable).with_name("torchrun")
     args = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
+        *torchrun(),
         "-m",
         "qscope_train.cli",
         "experiment=demo",

@@ -153,7 +153,9 @@ def test_fingerprints_ignore_reader_and_operational_settings_but_not_the_rest():
     from qscope_train.data.writer import cache_fingerprint
 
     base = compose(["experiment=demo"])
-    other = compose(["experiment=demo", "reader.threads=1", "reader.verify_shards=sha256", "reader.shuffle_shards=false"])
+    other = compose(
+        ["experiment=demo", "reader.threads=1", "reader.verify_shards=sha256", "reader.shuffle_shards=false"]
+    )
     assert cache_fingerprint("m", None, [1], base.data, 1) == cache_fingerprint("m", None, [1], other.data, 1)
     assert fingerprint(base.reader) != fingerprint(other.reader)  # shuffle_shards changes the batches
     assert set(fingerprint(base.reader)) == {"source", "shuffle_buffer_tokens", "shuffle_shards"}

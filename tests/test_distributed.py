@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import torchrun
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -20,8 +21,7 @@ def _run(args, tmp_path, name):
 
 def test_two_process_data_parallel_equals_one_process(tmp_path):
     single = _run([sys.executable], tmp_path, "single")
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    ddp = _run([torchrun, "--nproc_per_node", "2", "--master_port", "29541"], tmp_path, "ddp")
+    ddp = _run(torchrun(), tmp_path, "ddp")
     assert sum(m["auxk"] > 0 for m in single["logs"]) >= 5  # AuxK really ran
     for a, b in zip(single["logs"], ddp["logs"], strict=True):
         assert abs(a["fvu"] - b["fvu"]) < 1e-4 and abs(a["auxk"] - b["auxk"]) < 1e-4
@@ -47,14 +47,9 @@ def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(f
     ]
     exe = str(Path(sys.executable).with_name("qscope-train"))
     subprocess.run([exe, *common, "stages=[cache]"], env=env, check=True, capture_output=True, timeout=300)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     res = subprocess.run(
         [
-            torchrun,
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29547",
+            *torchrun(),
             "-m",
             "qscope_train.cli",
             *common,
@@ -93,9 +88,8 @@ def test_layer_sharded_fit_on_two_processes_equals_one_process(fixtures_dir, tmp
     subprocess.run([exe, *common, f"run_dir={one}", "stages=[cache]"], env=env, check=True, capture_output=True)
     shutil.copytree(one / "cache", two / "cache")
     subprocess.run([exe, *common, f"run_dir={one}", "stages=[fit]"], env=env, check=True, capture_output=True)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
     res = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29549", "-m", "qscope_train.cli", *common]
+        [*torchrun(), "-m", "qscope_train.cli", *common]
         + [f"run_dir={two}", "stages=[fit,export]", "trainer.layer_sharding=true"],
         env=env,
         capture_output=True,

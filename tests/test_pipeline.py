@@ -240,7 +240,7 @@ def _fit_cli(run_dir, *extra):
         *SMALL,
         "trainer.max_steps=150",
         "trainer.checkpoint_every=5",
-        "data.shuffle_buffer_tokens=3000",
+        "reader.shuffle_buffer_tokens=3000",
         *extra,
     ]
 
