@@ -23,6 +23,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "OnCorrupt",
+    "OptimizerName",
     "ReaderConfig",
     "RunConfig",
     "SAEConfig",
@@ -54,6 +55,11 @@ class Activation(Enum):
 
     topk = "topk"  # the model card: topk(x @ W_enc.T + b_enc)
     relu_topk = "relu_topk"  # the official demo app: topk(relu(x @ W_enc.T + b_enc))
+
+
+class OptimizerName(Enum):
+    adam = "adam"  # fused Adam with warmup and linear decay
+    signum = "signum"  # sign descent under schedule-free averaging, as sparsify trains
 
 
 class WandbMode(Enum):
@@ -100,8 +106,13 @@ class TrainerConfig:
 
     batch_size: int = 4096
     """Activation rows (tokens) per optimizer step, per layer."""
+    optimizer: OptimizerName = OptimizerName.adam
+    """adam, or signum (sign descent with schedule-free averaging; the run exports the averaged weights)."""
     lr: Optional[float] = None
-    """Adam learning rate; None means 2e-4 / sqrt(d_sae / 2**14)."""
+    """Learning rate; None means 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2**14)."""
+    center_encoder: bool = False
+    """At the start of a fresh run, set b_enc = -W_enc @ b_dec, so that the pre-activations are centred on
+    the first batch's mean (what subtracting b_dec before the encoder does at initialisation)."""
     warmup_steps: int = 100
     """Linear learning-rate warmup from 0."""
     decay_fraction: float = 0.2

@@ -1,13 +1,12 @@
 """The training loop: one TopK SAE per layer, all fed from the same stream of per-layer batches.
 
 Per step and layer: forward, FVU loss, backward, drop the gradient parallel to each decoder column,
-Adam step, renormalise decoder columns, update the tokens-since-fired counters.
+optimizer step (optim.py), renormalise decoder columns, update the tokens-since-fired counters.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from .data.batches import BatchSource
 from .errors import InputError, QScopeError
 from .fsutil import atomic_torch_save, atomic_write_json
 from .losses import auxk, dead_topk, fvu, global_mean
+from .optim import build, use_averaged_weights_
 from .sae import ForwardOutput, TopKSAE
 
 
@@ -46,25 +46,10 @@ def keep_freed_memory_on_cpu() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def default_lr(d_sae: int) -> float:
-    """2e-4 / sqrt(d_sae / 2^14): the scaling law of Gao et al. (2024) for TopK SAEs."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
-
-
-def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
-    """Linear warmup over `warmup` steps, flat, then linear decay to 0 over the last decay_fraction."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    decay_start = total - int(total * decay_fraction)
-    if step >= decay_start and total > decay_start:
-        return max(0.0, (total - step) / (total - decay_start))
-    return 1.0
-
-
 @dataclass
 class LayerState:
     sae: TopKSAE
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer  # or schedulefree's wrapper around one
     sched: torch.optim.lr_scheduler.LambdaLR
     since_fired_F: Tensor  # tokens since each latent last fired
     tokens: int = 0
@@ -135,13 +120,9 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 
 
 
 def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.device | str) -> LayerState:
-    """Adam (the fused kernel: 7x faster than foreach on a 2-core CPU) and the warmup/decay schedule for one SAE."""
+    """The optimizer and learning-rate schedule (optim.build) for one SAE, and its dead-latent counters."""
     sae.to(device)
-    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
-    )
+    opt, sched = build(list(sae.parameters()), cfg, sae.d_sae, total_steps)
     return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
 
 
@@ -236,6 +217,8 @@ def fit(
         with torch.no_grad():
             for n, state in states.items():
                 state.sae.b_dec.copy_(global_mean(first[n].to(device).float(), distributed.sum_))
+                if cfg.center_encoder:
+                    state.sae.b_enc.copy_(-(state.sae.W_enc @ state.sae.b_dec))
         it = itertools.chain([first], it)
 
     with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
@@ -260,6 +243,8 @@ def fit(
                 if distributed.rank() == 0:
                     checkpoints.save(step, payload)
             bar.update(1)
+    for s in states.values():
+        use_averaged_weights_(s.opt)
     return {
         n: {
             "tokens_trained": s.tokens,

@@ -7,9 +7,10 @@ from qscope_train import sae as sae_module
 from qscope_train.config import Activation, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.losses import fvu
+from qscope_train.optim import default_lr, lr_factor
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
-from qscope_train.trainer import NonFiniteLossError, auxk_loss, default_lr, fit, lr_factor
+from qscope_train.trainer import NonFiniteLossError, auxk_loss, fit
 
 
 def _dense_reference(sae: TopKSAE, x):
@@ -211,3 +212,90 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         assert faults < 1000
     else:
         assert faults > 500  # the default allocator (4 KiB pages: 65,536; huge pages: 128 or more)
+
+
+class _ListSource:
+    """A seekable BatchSource over a list; raises at `fail_at` the way a crash would stop a run."""
+
+    def __init__(self, batches, fail_at=None):
+        self.batches, self.pos, self.fail_at = batches, 0, fail_at
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            if self.pos == self.fail_at:
+                raise KeyboardInterrupt("crash")
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+def test_sign_descent_moves_each_weight_by_lr_against_its_gradient_sign():
+    from qscope_train.optim import SignSGD
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    w.grad = torch.tensor([0.5, -1e-6, 0.0])
+    SignSGD([w], lr=0.1).step()
+    torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, tmp_path):
+    from qscope_train.config import OptimizerName
+    from qscope_train.trainer import Checkpoints
+
+    x = _sparse_data(n=4096)
+    batches = [{0: x[i * 256 : (i + 1) * 256]} for i in range(12)]
+    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName(optimizer), warmup_steps=3, dead_after_tokens=1024)
+
+    def train(directory, source):
+        sae = TopKSAE(32, 256, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(1))
+        ckpts = Checkpoints(directory, 4, 2, {"test": 1})
+        fit({0: sae}, source, cfg, 12, "cpu", lambda s, m: None, NullBar, checkpoints=ckpts)
+        return sae
+
+    whole = train(tmp_path / "a", _ListSource(batches))
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", _ListSource(batches, fail_at=9))
+    resumed = train(tmp_path / "b", _ListSource(batches))
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+def test_signum_trains_and_exports_the_schedule_free_average():
+    from schedulefree import ScheduleFreeWrapper
+
+    from qscope_train.config import OptimizerName
+    from qscope_train.optim import default_lr
+    from qscope_train.trainer import new_state
+
+    assert default_lr(16384, OptimizerName.signum) == pytest.approx(5e-3)
+    x = _sparse_data()
+    sae = TopKSAE(32, 256, 8)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    before = fvu(x, sae(x).x_hat_BD).item()
+    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName.signum, warmup_steps=5, decay_fraction=0.0)
+    state = new_state(sae, cfg, 40, "cpu")
+    assert isinstance(state.opt, ScheduleFreeWrapper) and state.opt.train_mode
+    fit({0: sae}, _batches(x, 256), cfg, 40, "cpu", lambda s, m: None, NullBar)
+    assert fvu(x, sae(x).x_hat_BD).item() < 0.5 * before
+    # the exported weights are the average x, not the last iterate y: off unit norm after averaging
+    norms = sae.W_dec.norm(dim=0)
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_center_encoder_starts_the_pre_activations_at_zero_mean(center):
+    x = _sparse_data() + 2.0  # a large shared offset, as residual streams have
+    sae = TopKSAE(32, 256, 8)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    cfg = TrainerConfig(batch_size=4096, center_encoder=center)
+    fit({0: sae}, Unseekable([{0: x}]), cfg, 0, "cpu", lambda s, m: None, NullBar)  # initialisation only
+    torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
+    mean_pre = sae.pre_acts(x).mean(0).abs().max().item()
+    assert (mean_pre < 1e-4) if center else (mean_pre > 0.1)

@@ -1,0 +1,344 @@
+"""Ground-truth quality benchmark: qscope-train beside EleutherAI sparsify on activations made from a known
+dictionary, both on their default recipes, the same batches in the same order, scored on the same rows.
+
+The data are hard the way residual streams are: more true directions than d_model, Zipf-like feature
+frequencies, per-feature scales and per-token magnitudes, a shared offset, Gaussian noise, and
+hierarchies (a child feature only ever fires together with its parent). Every batch is generated from
+(seed, batch index), so both trainers see identical rows without storing them.
+
+Scores, at each token budget: recovered (the fraction of true directions with a decoder column at
+cosine >= 0.9; also for parents and children apart), mean best cosine, held-out FVU (about the held-out
+mean), dead (latents that never fire on the held-out rows), and the training wall time until 90 % of
+the directions were recovered (checked every --eval-every tokens; data generation and scoring excluded).
+
+qscope-train runs one fit per budget (its schedule depends on the run length); sparsify is
+schedule-free, so one run to the largest budget is scored at each budget on the way. sparsify runs in
+its own environment (../shared/anchors/setup.sh) through this same file, so nothing of qscope_train is
+imported at the top.
+
+Usage: python scripts/bench_quality.py [--shapes small,wide] [--budgets 1M,2M,8M] [--seed 0]
+           [--ours trainer.lr=4e-3 ...] [--skip-sparsify] [--sparsify-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    n_features: int  # true directions
+    d_sae: int
+    k: int
+    mean_active: float  # true features active per token, on average
+    batch: int = 4096
+
+
+SHAPES = {
+    "small": Shape(d_model=64, n_features=512, d_sae=1024, k=16, mean_active=10),
+    "wide": Shape(d_model=512, n_features=4096, d_sae=8192, k=32, mean_active=20),
+}
+
+
+class Dictionary:
+    """The true features: unit directions, frequencies, scales, hierarchy, offset and noise level."""
+
+    ZIPF_SHIFT, ZIPF_POWER, MAX_FREQ = 10.0, 1.0, 0.3
+    CHILDREN, CHILD_PROB = 3, 0.6  # each parent has 3 children; when it fires, one of them does with p 0.6
+
+    def __init__(self, shape: Shape, seed: int) -> None:
+        # a seed stream apart from the SAEs' own initialisation (which draws randn from `seed` itself)
+        g = torch.Generator().manual_seed((seed + 1) * 0x9E3779B97F4A7C15 % 2**63)
+        F, D = shape.n_features, shape.d_model
+        self.shape, self.seed = shape, seed
+        self.directions = torch.nn.functional.normalize(torch.randn(F, D, generator=g), dim=-1)
+        # hierarchy: the first n_parents features (the most frequent) each own CHILDREN children
+        self.n_parents = F // 16
+        n_children = self.n_parents * self.CHILDREN
+        self.parent_of = torch.full((F,), -1, dtype=torch.long)
+        self.parent_of[self.n_parents : self.n_parents + n_children] = torch.arange(self.n_parents).repeat_interleave(
+            self.CHILDREN
+        )
+        independent = torch.ones(F, dtype=torch.bool)
+        independent[self.n_parents : self.n_parents + n_children] = False
+        # Zipf-like frequencies over the independently firing features, in a random order of rank
+        ranks = torch.randperm(int(independent.sum()), generator=g).float()
+        p = 1.0 / (ranks + self.ZIPF_SHIFT) ** self.ZIPF_POWER
+        expected_children = self.CHILD_PROB  # per firing parent
+        parents_p = p[: self.n_parents]
+        target = shape.mean_active
+        # scale so that the expected number of active features (children included) is mean_active
+        scale = target / (p.sum() + expected_children * parents_p.sum())
+        self.freq = torch.zeros(F)
+        self.freq[independent] = (p * scale).clamp(max=self.MAX_FREQ)
+        self.scales = torch.exp(0.4 * torch.randn(F, generator=g))
+        self.offset = torch.randn(D, generator=g) * (2.0 / math.sqrt(D))
+        self.noise = 0.02
+
+    def batch(self, index: int, rows: int | None = None) -> torch.Tensor:
+        """Rows of batch `index` (negative indices are held-out batches), (rows, d_model) fp32."""
+        rows = rows or self.shape.batch
+        g = torch.Generator().manual_seed(((self.seed + 7) * 1_000_003 + index + (1 << 40)) % 2**63)
+        F = self.shape.n_features
+        active = torch.rand(rows, F, generator=g) < self.freq
+        # children: each active parent picks one of its children with probability CHILD_PROB
+        parents = active[:, : self.n_parents]
+        pick = torch.randint(0, self.CHILDREN, (rows, self.n_parents), generator=g)
+        fire = parents & (torch.rand(rows, self.n_parents, generator=g) < self.CHILD_PROB)
+        child_idx = self.n_parents + torch.arange(self.n_parents) * self.CHILDREN + pick
+        active.scatter_(1, child_idx, fire)
+        magnitude = self.scales * (0.25 + torch.empty(rows, F).exponential_(generator=g))
+        codes = active * magnitude
+        x = codes @ self.directions + self.offset
+        return x + self.noise * torch.randn(rows, self.shape.d_model, generator=g)
+
+    def info(self) -> dict:
+        return {
+            "mean_active": round(float(self.freq.sum() + self.CHILD_PROB * self.freq[: self.n_parents].sum()), 3),
+            "max_freq": round(float(self.freq.max()), 4),
+            "min_freq": float(self.freq[self.freq > 0].min()),
+            "parents": self.n_parents,
+            "children": self.n_parents * self.CHILDREN,
+        }
+
+
+def heldout(d: Dictionary, rows: int = 32768) -> torch.Tensor:
+    return torch.cat([d.batch(-1 - i) for i in range(max(1, rows // d.shape.batch))])
+
+
+def score(d: Dictionary, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> dict:
+    """Recovery against the true directions, held-out FVU and dead fraction."""
+    cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
+    best = torch.cat([(chunk @ cols).max(dim=1).values for chunk in d.directions.split(1024)])
+    is_child = d.parent_of >= 0
+    is_parent = torch.zeros_like(is_child)
+    is_parent[: d.n_parents] = True
+    err = var = 0.0
+    mean = x.mean(0)
+    ever = torch.zeros(decoder_DF.shape[1], dtype=torch.bool)
+    for xb in x.split(4096):
+        err += (xb - reconstruct(xb)).pow(2).sum().item()
+        var += (xb - mean).pow(2).sum().item()
+        ever |= fired(xb)
+    return {
+        "recovered": round(float((best >= 0.9).float().mean()), 4),
+        "recovered_parents": round(float((best[is_parent] >= 0.9).float().mean()), 4),
+        "recovered_children": round(float((best[is_child] >= 0.9).float().mean()), 4),
+        "mean_best_cos": round(float(best.mean()), 4),
+        "heldout_fvu": round(err / var, 4),
+        "dead_frac": round(1 - float(ever.float().mean()), 4),
+    }
+
+
+class Clock:
+    """Training wall time with the excluded spans (data generation, scoring) taken out."""
+
+    def __init__(self) -> None:
+        self.start, self.excluded = time.perf_counter(), 0.0
+
+    def exclude(self, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+
+def run_ours(shape: Shape, seed: int, tokens: int, eval_every: int, overrides: list[str]) -> dict:
+    from omegaconf import OmegaConf
+
+    from qscope_train.config import SAEConfig, TrainerConfig
+    from qscope_train.data.batches import Unseekable
+    from qscope_train.sae import TopKSAE
+    from qscope_train.tracking import NullBar
+    from qscope_train.trainer import fit
+
+    def build(schema, group: str, fixed: dict):
+        """The dataclass defaults, this shape's fixed values, then the user's `group.key=value` overrides."""
+        mine = [o.removeprefix(f"{group}.") for o in overrides if o.startswith(f"{group}.")]
+        merged = OmegaConf.merge(OmegaConf.structured(schema), fixed, OmegaConf.from_dotlist(mine))
+        return OmegaConf.to_object(merged)
+
+    unknown = [o for o in overrides if not o.startswith(("trainer.", "sae."))]
+    if unknown:
+        raise SystemExit(f"--ours takes trainer.* and sae.* overrides, not {unknown}")
+    every = max(1, eval_every // shape.batch)
+    t = build(TrainerConfig, "trainer", {"batch_size": shape.batch, "log_every": every, "checkpoint_every": 0})
+    sae_cfg = build(SAEConfig, "sae", {"d_sae": shape.d_sae, "k": shape.k})
+    d, steps = Dictionary(shape, seed), tokens // shape.batch
+    x_held = heldout(d)
+    sae = TopKSAE(shape.d_model, sae_cfg.d_sae, sae_cfg.k, sae_cfg.activation)
+    sae.init_weights_(generator=torch.Generator().manual_seed(seed))
+    clock, curve = Clock(), []
+
+    def batches():
+        for i in range(steps):
+            yield {0: clock.exclude(d.batch, i)}
+
+    def log(step: int, _metrics: dict) -> None:
+        def measure():
+            with torch.no_grad():
+                return score(
+                    d,
+                    sae.W_dec,
+                    lambda xb: sae(xb).x_hat_BD,
+                    lambda xb: sae.encode_sparse(xb).fire_counts(sae.d_sae) > 0,
+                    x_held,
+                )
+
+        s = clock.exclude(measure)
+        curve.append({"tokens": (step + 1) * shape.batch, "seconds": round(clock.elapsed(), 2), **s})
+
+    fit({0: sae}, Unseekable(batches()), t, steps, "cpu", log, NullBar)
+    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, **_summary(curve)}
+
+
+def run_sparsify(shape: Shape, seed: int, budgets: list[int], eval_every: int) -> list[dict]:
+    """Inside sparsify's environment: its SparseCoder and default optimizer (signum, schedule-free), its
+    trainer's step: b_dec = first batch mean, unit-norm decoder, FVU, parallel-gradient removal."""
+    sys.path.insert(0, str(ANCHORS))
+    from bench_sparsify import build_optimizer  # the anchors' copy of sparsify's Trainer set-up
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(seed)
+    d, steps = Dictionary(shape, seed), max(budgets) // shape.batch
+    x_held = heldout(d)
+    sae = SparseCoder(shape.d_model, SparseCoderConfig(num_latents=shape.d_sae, k=shape.k), device="cpu")
+    opts, _, _ = build_optimizer(sae, "signum", None, steps)
+    clock, curve = Clock(), []
+    every = max(1, eval_every // shape.batch)
+    for step in range(steps):
+        x = clock.exclude(d.batch, step)
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        sae(x=x, y=x).fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        done = (step + 1) * shape.batch
+        if step % every == 0 or done in budgets:
+
+            def measure():
+                for opt in opts:  # schedule-free evaluates its averaged weights
+                    opt.eval()
+                with torch.no_grad():
+                    dec = sae.W_dec.detach().clone()
+                    dec = dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+                    def fired(xb):
+                        enc = sae.encode(xb)
+                        hit = enc.top_indices[enc.top_acts != 0]
+                        return torch.zeros(shape.d_sae, dtype=torch.bool).index_fill_(0, hit, True)
+
+                    s = score(d, dec.T, lambda xb: sae(xb).sae_out, fired, x_held)
+                for opt in opts:
+                    opt.train()
+                return s
+
+            s = clock.exclude(measure)
+            curve.append({"tokens": done, "seconds": round(clock.elapsed(), 2), **s})
+    return [
+        {
+            "trainer": "sparsify",
+            "overrides": [],
+            "curve": [c for c in curve if c["tokens"] <= b],
+            **_summary([c for c in curve if c["tokens"] <= b]),
+        }
+        for b in budgets
+    ]
+
+
+def _summary(curve: list[dict]) -> dict:
+    final = curve[-1]
+    to90 = next((c["seconds"] for c in curve if c["recovered"] >= 0.9), None)
+    return {"tokens": final["tokens"], "seconds": final["seconds"], "seconds_to_90": to90} | {
+        k: final[k]
+        for k in ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "heldout_fvu", "dead_frac")
+    }
+
+
+def _tokens(text: str) -> int:
+    """'2M' -> 2 * 2**20 tokens (binary, so that budgets are whole batches of 4096), '256K' -> 256 * 2**10."""
+    text = text.strip().upper()
+    mult = {"K": 2**10, "M": 2**20}.get(text[-1], 1)
+    return int(float(text.rstrip("KM")) * mult)
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| shape | tokens | trainer | recovered | parents | children | mean best cos | held-out FVU | dead | s to 90 % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = r["trainer"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
+        out.append(
+            f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {r['recovered']:.1%} | {r['recovered_parents']:.1%} | "
+            f"{r['recovered_children']:.1%} | {r['mean_best_cos']:.3f} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | "
+            f"{r['seconds_to_90'] if r['seconds_to_90'] is not None else '-'} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="small,wide")
+    p.add_argument("--budgets", default="1M,2M,8M")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", default="256K", help="tokens between recovery checks")
+    p.add_argument("--ours", nargs="*", default=[], help="config overrides for our run, e.g. trainer.lr=4e-3")
+    p.add_argument("--skip-sparsify", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sparsify-python", default=str(Path.home() / ".cache/qscope-anchors/sparsify/bin/python"))
+    p.add_argument("--_sparsify", nargs=2, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    budgets = sorted(_tokens(b) for b in a.budgets.split(","))
+    eval_every = _tokens(a.eval_every)
+    batch = {s.batch for s in SHAPES.values()}.pop()
+    if any(b % batch for b in budgets):
+        raise SystemExit(f"--budgets must be whole batches of {batch} tokens, got {budgets}")
+    if a._sparsify:
+        shape = SHAPES[a._sparsify[0]]
+        print(json.dumps(run_sparsify(shape, a.seed, budgets, eval_every)), file=open(a._sparsify[1], "w"))
+        return
+    rows = []
+    for name in a.shapes.split(","):
+        shape = SHAPES[name]
+        meta = {"shape": name, **asdict(shape), "seed": a.seed, "data": Dictionary(shape, a.seed).info()}
+        if not a.skip_sparsify:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "sp.json"
+                cmd = [a.sparsify_python, __file__, "--_sparsify", name, str(out), "--budgets", a.budgets]
+                cmd += ["--seed", str(a.seed), "--eval-every", a.eval_every, "--threads", str(a.threads)]
+                subprocess.run(cmd, check=True)
+                for r in json.loads(out.read_text()):
+                    rows.append(meta | r)
+                    print(json.dumps(rows[-1]), flush=True)
+        if not a.skip_ours:
+            for tokens in budgets:
+                rows.append(meta | run_ours(shape, a.seed, tokens, eval_every, a.ours))
+                print(json.dumps(rows[-1]), flush=True)
+    print(table(sorted(rows, key=lambda r: (r["shape"], r["tokens"], r["trainer"]))))
+
+
+if __name__ == "__main__":
+    main()
