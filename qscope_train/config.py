@@ -6,7 +6,7 @@ Defaults live in these dataclasses and only here; the YAML presets under configs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional
 
@@ -19,10 +19,12 @@ __all__ = [
     "ActivationSource",
     "Activation",
     "DataConfig",
+    "DecoderInit",
     "DType",
     "EvalConfig",
     "ModelConfig",
     "OnCorrupt",
+    "Objective",
     "OptimizerName",
     "ReaderConfig",
     "RunConfig",
@@ -60,6 +62,19 @@ class Activation(Enum):
 class OptimizerName(Enum):
     adam = "adam"  # fused Adam with warmup and linear decay
     signum = "signum"  # sign descent under schedule-free averaging, as sparsify trains
+
+
+class Objective(Enum):
+    """What the SAE is trained to minimise (objectives.py); every one keeps the per-token TopK code."""
+
+    topk = "topk"  # FVU of the top-k reconstruction
+    multi_topk = "multi_topk"  # + multi_topk_coef * FVU of the top-(multi_topk_factor * k) one
+    matryoshka = "matryoshka"  # mean FVU over nested prefixes of the latents
+
+
+class DecoderInit(Enum):
+    random = "random"  # unit-norm Gaussian directions
+    data = "data"  # directions of distinct training rows minus b_dec
 
 
 class WandbMode(Enum):
@@ -113,14 +128,31 @@ class TrainerConfig:
     center_encoder: bool = False
     """At the start of a fresh run, set b_enc = -W_enc @ b_dec, so that the pre-activations are centred on
     the first batch's mean (what subtracting b_dec before the encoder does at initialisation)."""
-    warmup_steps: int = 100
-    """Linear learning-rate warmup from 0."""
-    decay_fraction: float = 0.2
-    """Final fraction of steps over which the learning rate decays linearly to 0."""
+    objective: Objective = Objective.topk
+    """topk, multi_topk (Gao et al.'s L(k) + L(4k)/8) or matryoshka (nested prefixes each reconstruct)."""
+    multi_topk_factor: int = 4
+    """multi_topk: the second term reconstructs from the top (this * k) latents."""
+    multi_topk_coef: float = 1 / 8
+    """multi_topk: weight of the second term."""
+    matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2])
+    """matryoshka: prefix sizes as fractions of d_sae (all latents are always the last prefix)."""
+    center_input: bool = False
+    """Train with the encoder reading x - b_dec, so that b_dec also moves the encoder's origin (sparsify's
+    and Gao et al.'s form). The export folds it into b_enc: the released encoder is the card's."""
+    decoder_init: DecoderInit = DecoderInit.random
+    """random, or data: each decoder direction starts as a distinct training row minus b_dec (fresh runs)."""
+    encoder_init_norm: float = 1.0
+    """Row norm of W_enc at initialisation (it starts as this multiple of the unit-norm decoder's transpose)."""
+    warmup_steps: Optional[int] = None
+    """Linear learning-rate warmup from 0 over this many steps; None: 100 with adam, 0 with signum."""
+    decay_fraction: Optional[float] = None
+    """Final fraction of steps over which the learning rate decays linearly to 0; None: 0.2 with adam, 0 with
+    signum (schedule-free averaging stands in for the decay)."""
     max_steps: Optional[int] = None
     """Stop after this many steps; None means one pass over the cached training split."""
-    dead_after_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead."""
+    dead_after_tokens: Optional[int] = None
+    """A latent that has not fired for this many tokens counts as dead (and AuxK trains it); None: 1/16 of
+    the run's tokens, at most 10M (Gao et al.'s window, which a short run would never reach)."""
     grad_clip: Optional[float] = None
     """Clip each SAE's gradient to this global L2 norm; None: no clipping."""
     k_start: Optional[int] = None
@@ -150,7 +182,7 @@ class TrainerConfig:
             raise ConfigError(f"trainer.batch_size must be positive, got {self.batch_size}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"trainer.lr must be positive, got {self.lr}")
-        if not 0 <= self.decay_fraction <= 1:
+        if self.decay_fraction is not None and not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"trainer.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"trainer.grad_clip must be positive, got {self.grad_clip}")
@@ -160,6 +192,25 @@ class TrainerConfig:
             raise ConfigError(f"trainer.auxk_coef must be >= 0, got {self.auxk_coef}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"trainer.max_steps must be positive, got {self.max_steps}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"trainer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.dead_after_tokens is not None and self.dead_after_tokens <= 0:
+            raise ConfigError(f"trainer.dead_after_tokens must be positive, got {self.dead_after_tokens}")
+        if self.encoder_init_norm <= 0:
+            raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
+
+    def resolved(self, total_steps: int) -> TrainerConfig:
+        """This config with every None that depends on the optimizer or the run's length filled in."""
+        adam = self.optimizer is OptimizerName.adam
+        window = self.dead_after_tokens
+        if window is None:
+            window = max(self.batch_size, min(10_000_000, total_steps * self.batch_size // 16))
+        return replace(
+            self,
+            warmup_steps=(100 if adam else 0) if self.warmup_steps is None else self.warmup_steps,
+            decay_fraction=(0.2 if adam else 0.0) if self.decay_fraction is None else self.decay_fraction,
+            dead_after_tokens=window,
+        )
 
 
 @dataclass

@@ -53,6 +53,13 @@ def any_(mask: Tensor) -> Tensor:
     return as_int.bool()
 
 
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """Overwrite t on every rank with rank src's t, in place; returns t."""
+    if active():
+        dist.broadcast(t, src)
+    return t
+
+
 def gather(obj: Any) -> list[Any]:
     """Every rank's obj, in rank order (picklable objects; on every rank)."""
     if not active():

@@ -63,6 +63,17 @@ def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_step
     return opt, sched
 
 
+@torch.no_grad()
+def averaged_weight(opt, p: nn.Parameter) -> torch.Tensor:
+    """A copy of the weight a run would export for parameter p, without touching the optimizer:
+    schedule-free's average x (its parameters are y = x + (1 - momentum)(z - x) while training)."""
+    from schedulefree import ScheduleFreeWrapper
+
+    if isinstance(opt, ScheduleFreeWrapper) and opt.train_mode and "z" in opt.state[p]:
+        return p.detach().lerp(opt.state[p]["z"], 1 - 1 / opt.momentum)
+    return p.detach().clone()
+
+
 def use_averaged_weights_(opt) -> None:
     """Leave the parameters at the weights a run exports: schedule-free's average x (its eval mode);
     Adam's parameters already are."""

@@ -116,25 +116,30 @@ def per_sample_backward():
 
 class _GatherPre(torch.autograd.Function):
     """pre[b, idx[b, m]] from dense pre-activations computed without autograd, with a backward that
-    reaches W_enc and b_enc only through the gathered entries (no dense (B, d_sae) gradient)."""
+    reaches W_enc, b_enc (and b_dec, when the encoder reads x - b_dec) only through the gathered
+    entries (no dense (B, d_sae) gradient). x_BD is the encoder's input, already centred if it is."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, pre_BF: Tensor, pairs: LatentMajor) -> Tensor:
-        ctx.save_for_backward(x_BD)
+    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], pre_BF: Tensor, pairs) -> Tensor:
+        ctx.save_for_backward(x_BD, W_enc)
         ctx.pairs = pairs
         return pre_BF.gather(-1, pairs.idx_BM)
 
     @staticmethod
     def backward(ctx, g_BM: Tensor):
-        (x_BD,) = ctx.saved_tensors
+        x_BD, W_enc = ctx.saved_tensors
         pairs = ctx.pairs
         g_W = pairs.weighted_rows(g_BM, x_BD.to(g_BM.dtype)) if ctx.needs_input_grad[1] else None
-        g_b = None
-        if ctx.needs_input_grad[2]:
+        g_b = g_b_dec = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             g_b = torch.zeros(pairs.n_latents, dtype=g_BM.dtype, device=g_BM.device).index_add_(
                 0, pairs.idx_BM.reshape(-1), g_BM.reshape(-1)
             )
-        return None, g_W, g_b, None, None
+            if ctx.needs_input_grad[3]:
+                # d pre[b, f] / d b_dec = -W_enc[f], so the rows' gradients sum to -(g_b_enc @ W_enc): a
+                # (d_sae,) x (d_sae, d_model) product instead of a (B, d_model) sparse one
+                g_b_dec = -(g_b @ W_enc)
+        return None, g_W, g_b if ctx.needs_input_grad[2] else None, g_b_dec, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -177,6 +182,7 @@ class TopKSAE(nn.Module):
         self.W_dec_FD = nn.Parameter(torch.empty(d_sae, d_model, **f32))
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **f32))
         self.b_dec = nn.Parameter(torch.zeros(d_model, **f32))
+        self.centered = False  # training only: the encoder reads x - b_dec (see center_input_)
         self.init_weights_()
 
     @property
@@ -187,12 +193,17 @@ class TopKSAE(nn.Module):
     # ----- construction and the release format -------------------------------------------------
 
     @torch.no_grad()
-    def init_weights_(self, x_sample_ND: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> None:
-        """Unit-norm random decoder columns, W_enc = W_dec.T, b_enc = 0, b_dec = sample mean (or 0)."""
+    def init_weights_(
+        self,
+        x_sample_ND: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        encoder_norm: float = 1.0,
+    ) -> None:
+        """Unit-norm random decoder columns, W_enc = encoder_norm * W_dec.T, b_enc = 0, b_dec = sample mean (or 0)."""
         rows = torch.randn(self.d_sae, self.d_model, generator=generator, dtype=torch.float32)
         rows /= rows.norm(dim=1, keepdim=True)
         self.W_dec_FD.copy_(rows)
-        self.W_enc.copy_(rows)
+        self.W_enc.copy_(rows * encoder_norm)
         self.b_enc.zero_()
         if x_sample_ND is None:
             self.b_dec.zero_()
@@ -213,8 +224,27 @@ class TopKSAE(nn.Module):
 
     @torch.no_grad()
     def to_release(self) -> dict[str, Tensor]:
-        """The four release tensors: fp32, contiguous, detached copies on the CPU."""
-        return {key: getattr(self, key).detach().float().cpu().contiguous().clone() for key in RELEASE_KEYS}
+        """The four release tensors: fp32, contiguous, detached copies on the CPU (a centred encoder's
+        b_dec folded into b_enc, so the card's encoder computes the same pre-activations)."""
+        out = {key: getattr(self, key).detach().float().cpu().contiguous().clone() for key in RELEASE_KEYS}
+        if self.centered:
+            out["b_enc"] = self._folded_b_enc().float().cpu()
+        return out
+
+    def _folded_b_enc(self) -> Tensor:
+        """b_enc - W_enc @ b_dec: (x - b_dec) @ W_enc.T + b_enc == x @ W_enc.T + that."""
+        return self.b_enc - self.W_enc @ self.b_dec
+
+    @torch.no_grad()
+    def center_input_(self, on: bool = True) -> None:
+        """Switch the encoder between reading x (the release's form) and x - b_dec (the form sparsify and
+        Gao et al. train: b_dec then moves the encoder's origin too). b_enc is rewritten so that the
+        pre-activations are unchanged; to_release() always writes the uncentred form."""
+        if on == self.centered:
+            return
+        shift = self.W_enc @ self.b_dec
+        self.b_enc.add_(shift if on else -shift)
+        self.centered = on
 
     # ----- encoder / decoder -----------------------------------------------------------------------
 
@@ -223,6 +253,8 @@ class TopKSAE(nn.Module):
 
         Written as the card writes it (matmul, then add) so features match the card bit for bit.
         """
+        if self.centered:
+            return (x_BD.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc.T + self.b_enc
         return x_BD.to(self.W_enc.dtype) @ self.W_enc.T + self.b_enc
 
     def select(self, pre_BF: Tensor, k: Optional[int] = None) -> SparseCode:
@@ -260,8 +292,13 @@ class TopKSAE(nn.Module):
         return out_BD.reshape(*lead, self.d_model)
 
     def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, pairs: LatentMajor) -> Tensor:
-        """Values at pairs.idx_BM that carry gradients to W_enc and b_enc through the sparse backward."""
-        vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, pre_BF, pairs)
+        """Values at pairs.idx_BM that carry gradients to W_enc and b_enc (and b_dec, centred) through the
+        sparse backward. x_BD is the raw input."""
+        if self.centered:
+            x_in = (x_BD.to(self.W_enc.dtype) - self.b_dec).detach()
+            vals = _GatherPre.apply(x_in, self.W_enc, self.b_enc, self.b_dec, pre_BF, pairs)
+        else:
+            vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, None, pre_BF, pairs)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
     def decode_selected(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
@@ -271,22 +308,32 @@ class TopKSAE(nn.Module):
         vals_BM = self.code_with_grad(x_BD, pre_BF, pairs)
         return self.decode_sparse(SparseCode(vals_BM, idx_BM), bias=False, pairs=pairs)
 
+    @torch.no_grad()
+    def dense_pre(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Pre-activations (B, d_sae) without autograd history; gemm_dtype (e.g. bfloat16) runs the GEMM
+        in that dtype, weights staying fp32."""
+        x_BD = x_BD.to(self.W_enc.dtype)
+        # centred: (x - b_dec) W^T + b_enc computed as x W^T + (b_enc - W b_dec), no (B, D) copy
+        b_enc = self._folded_b_enc() if self.centered else self.b_enc
+        if gemm_dtype is None or gemm_dtype == self.W_enc.dtype:
+            return torch.addmm(b_enc, x_BD, self.W_enc.T)  # bias fused into the GEMM
+        return (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + b_enc
+
+    def reconstruct(self, x_BD: Tensor, pre_BF: Tensor, idx_BK: Tensor) -> ForwardOutput:
+        """Decode the latents idx_BK (B, k), valued from pre_BF, with sparse gradients to every parameter."""
+        pairs = LatentMajor(idx_BK, self.d_sae)
+        code = SparseCode(self.code_with_grad(x_BD.to(self.W_enc.dtype), pre_BF, pairs), idx_BK)
+        return ForwardOutput(self.decode_sparse(code, pairs=pairs), code, pre_BF)
+
     def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> ForwardOutput:
         """Training forward: dense pre-activations without autograd, sparse gradients for the top k.
 
-        gemm_dtype (e.g. bfloat16) runs the dense encoder GEMM in that dtype; weights stay fp32.
-        k overrides self.k for this call (k annealing).
+        gemm_dtype: see dense_pre. k overrides self.k for this call (k annealing).
         """
-        x_BD = x_BD.to(self.W_enc.dtype)
+        pre_BF = self.dense_pre(x_BD, gemm_dtype)
         with torch.no_grad():
-            if gemm_dtype is None or gemm_dtype == self.W_enc.dtype:
-                pre_BF = torch.addmm(self.b_enc, x_BD, self.W_enc.T)  # bias fused into the GEMM
-            else:
-                pre_BF = (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + self.b_enc
             idx_BK = self.select(pre_BF, k).idx_BK
-        pairs = LatentMajor(idx_BK, self.d_sae)
-        code = SparseCode(self.code_with_grad(x_BD, pre_BF, pairs), idx_BK)
-        return ForwardOutput(self.decode_sparse(code, pairs=pairs), code, pre_BF)
+        return self.reconstruct(x_BD, pre_BF, idx_BK)
 
     # ----- decoder-norm helpers (in place) -----------------------------------------------------------
 

@@ -6,6 +6,7 @@ optimizer step (optim.py), renormalise decoder columns, update the tokens-since-
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,13 +16,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import distributed
-from .config import Activation, TrainerConfig, fingerprint_diff
+from . import distributed, objectives
+from .config import Activation, DecoderInit, TrainerConfig, fingerprint_diff
 from .data.batches import BatchSource
-from .errors import InputError, QScopeError
+from .errors import ConfigError, InputError, QScopeError
 from .fsutil import atomic_torch_save, atomic_write_json
-from .losses import auxk, dead_topk, fvu, global_mean
-from .optim import build, use_averaged_weights_
+from .losses import auxk, dead_topk, global_mean
+from .optim import averaged_weight, build, use_averaged_weights_
 from .sae import ForwardOutput, TopKSAE
 
 
@@ -77,13 +78,13 @@ def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
 
 
 def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 0) -> dict[str, float]:
-    """One optimizer step on this rank's rows; with several ranks, on the global batch (data parallel)."""
+    """One optimizer step on this rank's rows; with several ranks, on the global batch (data parallel).
+    cfg is resolved (TrainerConfig.resolved: no None left that depends on the run)."""
     sae = state.sae
     x_BD = x_BD.float()
     reduce = distributed.sum_ if distributed.active() else None
-    out = sae(x_BD, gemm_dtype=cfg.encoder_dtype.torch, k=k_at(step, sae.k, cfg))
-    main = fvu(x_BD, out.x_hat_BD, reduce)
-    loss, aux = main, None
+    out, loss, main = objectives.compute(sae, x_BD, cfg, k_at(step, sae.k, cfg), reduce, cfg.encoder_dtype.torch)
+    aux = None
     dead_F = state.since_fired_F >= cfg.dead_after_tokens  # identical on every rank
     if cfg.auxk_coef > 0 and bool(dead_F.any()):
         aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, reduce)
@@ -119,8 +120,21 @@ def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 
     return {"fvu": value, "auxk": aux_value, "l0": l0, "lr": lr}
 
 
+def exported_copy(state: LayerState) -> TopKSAE:
+    """A copy of the layer's SAE at the weights the run would export now (averaged, uncentred); the
+    training state is left exactly as it is."""
+    sae = copy.deepcopy(state.sae)
+    with torch.no_grad():
+        for mine, p in zip(sae.parameters(), state.sae.parameters(), strict=True):
+            mine.copy_(averaged_weight(state.opt, p))
+            mine.grad = None
+    sae.center_input_(False)
+    return sae
+
+
 def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.device | str) -> LayerState:
     """The optimizer and learning-rate schedule (optim.build) for one SAE, and its dead-latent counters."""
+    cfg = cfg.resolved(total_steps)
     sae.to(device)
     opt, sched = build(list(sae.parameters()), cfg, sae.d_sae, total_steps)
     return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
@@ -188,6 +202,31 @@ def _restore(states: dict[int, LayerState], reader: BatchSource, ckpt: dict) -> 
         print("resume: this activation source cannot seek, so its stream starts again from the beginning")
 
 
+@torch.no_grad()
+def _init_from_rows(states: dict[int, LayerState], peeked: list, it, cfg: TrainerConfig, device) -> list:
+    """decoder_init=data: each decoder direction starts as a distinct training row minus b_dec, normalised
+    (the encoder as encoder_init_norm times it), the rows drawn from the first batches (rank 0's, so every
+    rank starts alike). Returns the batches read, which training then starts with."""
+    d_sae = next(iter(states.values())).sae.d_sae
+    while sum(b[next(iter(states))].shape[0] for b in peeked) < d_sae:
+        try:
+            peeked.append(next(it))
+        except StopIteration:
+            break
+    g = torch.Generator().manual_seed(cfg.seed)
+    for n, state in states.items():
+        sae = state.sae
+        rows = torch.cat([b[n] for b in peeked]).to(device).float() - sae.b_dec
+        pick = torch.randperm(rows.shape[0], generator=g)[:d_sae].to(device)
+        dirs_FD = torch.nn.functional.normalize(rows[pick], dim=-1)
+        if dirs_FD.shape[0] < d_sae:  # fewer rows than latents: the rest keep their random directions
+            dirs_FD = torch.cat([dirs_FD, sae.W_dec_FD[dirs_FD.shape[0] :]])
+        distributed.broadcast_(dirs_FD.contiguous())
+        sae.W_dec_FD.copy_(dirs_FD)
+        sae.W_enc.copy_(dirs_FD * cfg.encoder_init_norm)
+    return peeked
+
+
 def fit(
     saes: dict[int, TopKSAE],
     batches: BatchSource,
@@ -198,13 +237,22 @@ def fit(
     progress: Callable[..., object],
     init_b_dec: bool = True,
     checkpoints: Optional[Checkpoints] = None,
+    probe: Optional[Callable[[int, dict[int, TopKSAE]], None]] = None,
 ) -> dict[int, dict]:
     """Train every SAE for total_steps steps, resuming from the latest checkpoint if there is one.
 
     `batches` is iterated once; its state_dict() (the position; None if it cannot seek) is checkpointed.
-    Returns a per-layer summary (tokens, final FVU, dead fraction).
+    `probe(step, saes)`, if given, is called whenever metrics are logged, with copies of the SAEs at the
+    weights the run would export at that point (exported_copy). Returns a per-layer summary (tokens,
+    final FVU, dead fraction); the SAEs are left at their exported weights, in the release's form.
     """
+    cfg = cfg.resolved(total_steps)
+    if cfg.center_input and cfg.center_encoder:
+        raise ConfigError("trainer.center_encoder and trainer.center_input both centre the encoder: pick one")
     states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
+    if cfg.center_input:
+        for s in states.values():
+            s.sae.center_input_(True)  # before a restore: checkpoints hold the centred form
     ckpt = checkpoints.latest() if checkpoints else None
     start = 0
     if ckpt is not None:
@@ -213,13 +261,15 @@ def fit(
         print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
     it = iter(batches)
     if ckpt is None and init_b_dec:
-        first = next(it)
+        peeked = [next(it)]
         with torch.no_grad():
             for n, state in states.items():
-                state.sae.b_dec.copy_(global_mean(first[n].to(device).float(), distributed.sum_))
+                state.sae.b_dec.copy_(global_mean(peeked[0][n].to(device).float(), distributed.sum_))
                 if cfg.center_encoder:
                     state.sae.b_enc.copy_(-(state.sae.W_enc @ state.sae.b_dec))
-        it = itertools.chain([first], it)
+        if cfg.decoder_init is DecoderInit.data:
+            peeked = _init_from_rows(states, peeked, it, cfg, device)
+        it = itertools.chain(peeked, it)
 
     with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
         for step, batch in zip(range(start, total_steps), it, strict=False):
@@ -236,6 +286,8 @@ def fit(
                 metrics[n] = m
             if step % cfg.log_every == 0 or step == total_steps - 1:
                 log(step, metrics)
+                if probe is not None:
+                    probe(step, {n: exported_copy(s) for n, s in states.items()})
                 worst = max(metrics.values(), key=lambda m: m["fvu"])
                 bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
             if checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total_steps:
@@ -245,6 +297,7 @@ def fit(
             bar.update(1)
     for s in states.values():
         use_averaged_weights_(s.opt)
+        s.sae.center_input_(False)
     return {
         n: {
             "tokens_trained": s.tokens,

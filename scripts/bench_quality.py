@@ -51,6 +51,9 @@ SHAPES = {
     "small": Shape(d_model=64, n_features=512, d_sae=1024, k=16, mean_active=10),
     "wide": Shape(d_model=512, n_features=4096, d_sae=8192, k=32, mean_active=20),
 }
+# the tiny Qwen3's layer-2 residual stream: one pass over its cached training rows (no ground truth)
+TINY = Shape(d_model=64, n_features=0, d_sae=1024, k=16, mean_active=0, batch=1024)
+TINY_LAYER = 2
 
 
 class Dictionary:
@@ -115,17 +118,32 @@ class Dictionary:
         }
 
 
-def heldout(d: Dictionary, rows: int = 32768) -> torch.Tensor:
-    return torch.cat([d.batch(-1 - i) for i in range(max(1, rows // d.shape.batch))])
+    def heldout(self, rows: int = 32768) -> torch.Tensor:
+        return torch.cat([self.batch(-1 - i) for i in range(max(1, rows // self.shape.batch))])
 
 
-def score(d: Dictionary, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> dict:
-    """Recovery against the true directions, held-out FVU and dead fraction."""
-    cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
-    best = torch.cat([(chunk @ cols).max(dim=1).values for chunk in d.directions.split(1024)])
-    is_child = d.parent_of >= 0
-    is_parent = torch.zeros_like(is_child)
-    is_parent[: d.n_parents] = True
+class CachedRows:
+    """Real activations with no ground truth (the tiny Qwen3's layer 2): training rows in a fixed
+    shuffled order, batch i being rows [i * batch, (i + 1) * batch), and the held-out split's rows."""
+
+    directions = None
+
+    def __init__(self, shape: Shape, path: Path) -> None:
+        self.shape, self.path = shape, path
+        self.train, self.held = torch.load(path, weights_only=True)
+
+    def batch(self, index: int) -> torch.Tensor:
+        return self.train[index * self.shape.batch : (index + 1) * self.shape.batch]
+
+    def heldout(self) -> torch.Tensor:
+        return self.held
+
+    def info(self) -> dict:
+        return {"train_rows": self.train.shape[0], "held_out_rows": self.held.shape[0]}
+
+
+def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> dict:
+    """Recovery against the true directions (None without them), held-out FVU and dead fraction."""
     err = var = 0.0
     mean = x.mean(0)
     ever = torch.zeros(decoder_DF.shape[1], dtype=torch.bool)
@@ -133,13 +151,19 @@ def score(d: Dictionary, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.
         err += (xb - reconstruct(xb)).pow(2).sum().item()
         var += (xb - mean).pow(2).sum().item()
         ever |= fired(xb)
-    return {
+    out = {"heldout_fvu": round(err / var, 4), "dead_frac": round(1 - float(ever.float().mean()), 4)}
+    if d.directions is None:
+        return out | dict.fromkeys(("recovered", "recovered_parents", "recovered_children", "mean_best_cos"))
+    cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
+    best = torch.cat([(chunk @ cols).max(dim=1).values for chunk in d.directions.split(1024)])
+    is_child = d.parent_of >= 0
+    is_parent = torch.zeros_like(is_child)
+    is_parent[: d.n_parents] = True
+    return out | {
         "recovered": round(float((best >= 0.9).float().mean()), 4),
         "recovered_parents": round(float((best[is_parent] >= 0.9).float().mean()), 4),
         "recovered_children": round(float((best[is_child] >= 0.9).float().mean()), 4),
         "mean_best_cos": round(float(best.mean()), 4),
-        "heldout_fvu": round(err / var, 4),
-        "dead_frac": round(1 - float(ever.float().mean()), 4),
     }
 
 
@@ -160,7 +184,8 @@ class Clock:
         return time.perf_counter() - self.start - self.excluded
 
 
-def run_ours(shape: Shape, seed: int, tokens: int, eval_every: int, overrides: list[str]) -> dict:
+def run_ours(d, seed: int, tokens: int, eval_every: int, overrides: list[str]) -> tuple[dict, object]:
+    """Our fit on `d`'s batches; returns the result row and the trained SAE."""
     from omegaconf import OmegaConf
 
     from qscope_train.config import SAEConfig, TrainerConfig
@@ -178,38 +203,40 @@ def run_ours(shape: Shape, seed: int, tokens: int, eval_every: int, overrides: l
     unknown = [o for o in overrides if not o.startswith(("trainer.", "sae."))]
     if unknown:
         raise SystemExit(f"--ours takes trainer.* and sae.* overrides, not {unknown}")
+    shape, steps = d.shape, tokens // d.shape.batch
     every = max(1, eval_every // shape.batch)
     t = build(TrainerConfig, "trainer", {"batch_size": shape.batch, "log_every": every, "checkpoint_every": 0})
     sae_cfg = build(SAEConfig, "sae", {"d_sae": shape.d_sae, "k": shape.k})
-    d, steps = Dictionary(shape, seed), tokens // shape.batch
-    x_held = heldout(d)
+    x_held = d.heldout()
     sae = TopKSAE(shape.d_model, sae_cfg.d_sae, sae_cfg.k, sae_cfg.activation)
-    sae.init_weights_(generator=torch.Generator().manual_seed(seed))
+    sae.init_weights_(generator=torch.Generator().manual_seed(seed), encoder_norm=t.encoder_init_norm)
     clock, curve = Clock(), []
 
     def batches():
         for i in range(steps):
             yield {0: clock.exclude(d.batch, i)}
 
-    def log(step: int, _metrics: dict) -> None:
+    def probe(step: int, saes: dict) -> None:
+        exported = saes[0]  # the weights the run would export now (schedule-free's average, uncentred)
+
         def measure():
             with torch.no_grad():
                 return score(
                     d,
-                    sae.W_dec,
-                    lambda xb: sae(xb).x_hat_BD,
-                    lambda xb: sae.encode_sparse(xb).fire_counts(sae.d_sae) > 0,
+                    exported.W_dec,
+                    lambda xb: exported(xb).x_hat_BD,
+                    lambda xb: exported.encode_sparse(xb).fire_counts(exported.d_sae) > 0,
                     x_held,
                 )
 
         s = clock.exclude(measure)
         curve.append({"tokens": (step + 1) * shape.batch, "seconds": round(clock.elapsed(), 2), **s})
 
-    fit({0: sae}, Unseekable(batches()), t, steps, "cpu", log, NullBar)
-    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, **_summary(curve)}
+    fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
+    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, **_summary(curve)}, sae
 
 
-def run_sparsify(shape: Shape, seed: int, budgets: list[int], eval_every: int) -> list[dict]:
+def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path | None = None) -> list[dict]:
     """Inside sparsify's environment: its SparseCoder and default optimizer (signum, schedule-free), its
     trainer's step: b_dec = first batch mean, unit-norm decoder, FVU, parallel-gradient removal."""
     sys.path.insert(0, str(ANCHORS))
@@ -217,8 +244,8 @@ def run_sparsify(shape: Shape, seed: int, budgets: list[int], eval_every: int) -
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(seed)
-    d, steps = Dictionary(shape, seed), max(budgets) // shape.batch
-    x_held = heldout(d)
+    shape, steps = d.shape, max(budgets) // d.shape.batch
+    x_held = d.heldout()
     sae = SparseCoder(shape.d_model, SparseCoderConfig(num_latents=shape.d_sae, k=shape.k), device="cpu")
     opts, _, _ = build_optimizer(sae, "signum", None, steps)
     clock, curve = Clock(), []
@@ -255,6 +282,13 @@ def run_sparsify(shape: Shape, seed: int, budgets: list[int], eval_every: int) -
 
             s = clock.exclude(measure)
             curve.append({"tokens": done, "seconds": round(clock.elapsed(), 2), **s})
+    if export is not None:  # the trained SAE in the release's form (b_dec folded into b_enc), for the splice
+        for opt in opts:
+            opt.eval()
+        with torch.no_grad():
+            W_enc, b_enc = sae.encoder.weight.detach(), sae.encoder.bias.detach()
+            tensors = {"W_enc": W_enc, "W_dec": sae.W_dec.detach().T, "b_enc": b_enc - W_enc @ sae.b_dec, "b_dec": sae.b_dec}
+            torch.save({k: v.float().contiguous().clone() for k, v in tensors.items()}, export)
     return [
         {
             "trainer": "sparsify",
@@ -266,9 +300,55 @@ def run_sparsify(shape: Shape, seed: int, budgets: list[int], eval_every: int) -
     ]
 
 
+def tiny_qwen3(root: Path) -> tuple[Path, dict]:
+    """Cache the tiny Qwen3's layer-2 activations (our cache stage's writer); save (shuffled train rows,
+    held-out rows) to root/tiny.pt. Returns that path and what the spliced loss needs."""
+    from qscope_train.config import DataConfig, DType, ModelConfig
+    from qscope_train.data import shards
+    from qscope_train.data.activations import make_filter
+    from qscope_train.data.tokens import heldout_sequences
+    from qscope_train.data.writer import build_cache
+    from qscope_train.lm import load_lm
+    from qscope_train.tiny import build_fixtures
+    from qscope_train.tracking import NullBar
+
+    fx = build_fixtures(root / "fixtures")
+    lm = load_lm(ModelConfig(name_or_path=str(fx["tiny-qwen3"])))
+    cfg = DataConfig(
+        dataset=str(fx["corpus"]),
+        context_len=128,
+        train_tokens=393216,
+        eval_tokens=32768,
+        shard_tokens=32768,
+        cache_dtype=DType.float32,
+    )
+    m = build_cache(lm, [TINY_LAYER], cfg, root / "cache", "cpu", NullBar)
+    codec = shards.Codec(**m["codec"])
+
+    def rows(split):
+        recs = shards.records(m["splits"][split]["layers"][str(TINY_LAYER)]["shards"])
+        return torch.cat([shards.read_shard(root / "cache", r, m["d_model"], codec, torch.float32) for r in recs])
+
+    train = rows("train")
+    train = train[torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))]
+    torch.save((train, rows("eval")), root / "tiny.pt")
+    seqs = heldout_sequences(lm.tokenizer, cfg, cfg.eval_tokens)
+    return root / "tiny.pt", {"lm": lm, "seqs": seqs, "filter": make_filter(lm, cfg)}
+
+
+def spliced_loss(ctx: dict, saes: dict) -> dict:
+    """Per trainer: next-token CE increase (delta_ce) and KL when the SAE replaces layer 2's output on
+    the held-out sequences (qscope_train.splice, the evaluate stage's code)."""
+    from qscope_train.splice import downstream_metrics
+
+    sets = {name: {TINY_LAYER: sae} for name, sae in saes.items()}
+    res = downstream_metrics(ctx["lm"], sets, ctx["seqs"], ctx["filter"], 16, "cpu")
+    return {name: {k: round(res[name][TINY_LAYER][k], 5) for k in ("delta_ce", "kl", "ce_recovered")} for name in sets}
+
+
 def _summary(curve: list[dict]) -> dict:
     final = curve[-1]
-    to90 = next((c["seconds"] for c in curve if c["recovered"] >= 0.9), None)
+    to90 = next((c["seconds"] for c in curve if (c["recovered"] or 0) >= 0.9), None)
     return {"tokens": final["tokens"], "seconds": final["seconds"], "seconds_to_90": to90} | {
         k: final[k]
         for k in ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "heldout_fvu", "dead_frac")
@@ -284,15 +364,21 @@ def _tokens(text: str) -> int:
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| shape | tokens | trainer | recovered | parents | children | mean best cos | held-out FVU | dead | s to 90 % | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | tokens | trainer | recovered | parents | children | mean best cos | held-out FVU | dead | ΔCE | s to 90 % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pct(v):
+        return "-" if v is None else f"{v:.1%}"
+
     for r in rows:
         name = r["trainer"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
+        cos = "-" if r["mean_best_cos"] is None else f"{r['mean_best_cos']:.3f}"
+        dce = f"{r['delta_ce']:.4f}" if "delta_ce" in r else "-"
+        to90 = r["seconds_to_90"] if r["seconds_to_90"] is not None else "-"
         out.append(
-            f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {r['recovered']:.1%} | {r['recovered_parents']:.1%} | "
-            f"{r['recovered_children']:.1%} | {r['mean_best_cos']:.3f} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | "
-            f"{r['seconds_to_90'] if r['seconds_to_90'] is not None else '-'} | {r['seconds']:.0f} |"
+            f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {pct(r['recovered'])} | {pct(r['recovered_parents'])} | "
+            f"{pct(r['recovered_children'])} | {cos} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
 
@@ -309,6 +395,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sparsify-python", default=str(Path.home() / ".cache/qscope-anchors/sparsify/bin/python"))
     p.add_argument("--_sparsify", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--_rows", help=argparse.SUPPRESS)  # tiny-qwen3: the rows file
+    p.add_argument("--_export", help=argparse.SUPPRESS)  # tiny-qwen3: where sparsify's SAE goes
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     budgets = sorted(_tokens(b) for b in a.budgets.split(","))
@@ -316,28 +404,58 @@ def main() -> None:
     batch = {s.batch for s in SHAPES.values()}.pop()
     if any(b % batch for b in budgets):
         raise SystemExit(f"--budgets must be whole batches of {batch} tokens, got {budgets}")
+    unknown = set(a.shapes.split(",")) - set(SHAPES) - {"tiny-qwen3"}
+    if unknown:
+        raise SystemExit(f"unknown --shapes {sorted(unknown)}; choose from {sorted(SHAPES)} and tiny-qwen3")
     if a._sparsify:
-        shape = SHAPES[a._sparsify[0]]
-        print(json.dumps(run_sparsify(shape, a.seed, budgets, eval_every)), file=open(a._sparsify[1], "w"))
+        name = a._sparsify[0]
+        if name == "tiny-qwen3":
+            d = CachedRows(TINY, Path(a._rows))
+            res = run_sparsify(d, a.seed, [_one_pass(d)], eval_every, Path(a._export))
+        else:
+            res = run_sparsify(Dictionary(SHAPES[name], a.seed), a.seed, budgets, eval_every)
+        print(json.dumps(res), file=open(a._sparsify[1], "w"))
         return
     rows = []
     for name in a.shapes.split(","):
-        shape = SHAPES[name]
-        meta = {"shape": name, **asdict(shape), "seed": a.seed, "data": Dictionary(shape, a.seed).info()}
-        if not a.skip_sparsify:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "sp.json"
-                cmd = [a.sparsify_python, __file__, "--_sparsify", name, str(out), "--budgets", a.budgets]
-                cmd += ["--seed", str(a.seed), "--eval-every", a.eval_every, "--threads", str(a.threads)]
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            cmd = [a.sparsify_python, __file__, "--_sparsify", name, str(tmp / "sp.json"), "--budgets", a.budgets]
+            cmd += ["--seed", str(a.seed), "--eval-every", a.eval_every, "--threads", str(a.threads)]
+            if name == "tiny-qwen3":
+                path, ctx = tiny_qwen3(tmp)
+                d = CachedRows(TINY, path)
+                these = [_one_pass(d)]
+                cmd += ["--_rows", str(path), "--_export", str(tmp / "sparsify.sae.pt")]
+            else:
+                d, these = Dictionary(SHAPES[name], a.seed), budgets
+            meta = {"shape": name, **asdict(d.shape), "seed": a.seed, "data": d.info()}
+            trained = []  # (row, SAE) pairs for the spliced loss
+            if not a.skip_sparsify:
                 subprocess.run(cmd, check=True)
-                for r in json.loads(out.read_text()):
+                for r in json.loads((tmp / "sp.json").read_text()):
                     rows.append(meta | r)
-                    print(json.dumps(rows[-1]), flush=True)
-        if not a.skip_ours:
-            for tokens in budgets:
-                rows.append(meta | run_ours(shape, a.seed, tokens, eval_every, a.ours))
-                print(json.dumps(rows[-1]), flush=True)
+                if name == "tiny-qwen3":
+                    from qscope_train.sae import TopKSAE
+
+                    trained.append((rows[-1], TopKSAE.from_release(torch.load(tmp / "sparsify.sae.pt"), TINY.k)))
+            if not a.skip_ours:
+                for tokens in these:
+                    r, sae = run_ours(d, a.seed, tokens, eval_every, a.ours)
+                    rows.append(meta | r)
+                    trained.append((rows[-1], sae))
+            if name == "tiny-qwen3":
+                loss = spliced_loss(ctx, {str(i): sae for i, (_, sae) in enumerate(trained)})
+                for i, (r, _) in enumerate(trained):
+                    r.update(loss[str(i)])
+            for r in rows:
+                if r["shape"] == name:
+                    print(json.dumps(r), flush=True)
     print(table(sorted(rows, key=lambda r: (r["shape"], r["tokens"], r["trainer"]))))
+
+
+def _one_pass(d: CachedRows) -> int:
+    return d.train.shape[0] // d.shape.batch * d.shape.batch
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(a.seed)
     total = a.warmup + a.steps
     batches = [torch.randn(a.batch, a.d_model) for _ in range(total)]
-    cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype))
+    cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype)).resolved(10_000)
     sae = TopKSAE(a.d_model, a.d_sae, a.k)
     sae.init_weights_(batches[0], generator=torch.Generator().manual_seed(a.seed))
     state = new_state(sae, cfg, 10_000, "cpu")

@@ -45,6 +45,25 @@ def test_decoder_is_stored_as_rows_and_released_as_columns():
     assert sae.to_release()["W_dec"].is_contiguous()
 
 
+def test_a_centred_encoder_exports_the_same_features_for_the_card():
+    tensors = random_release(d_model=32, d_sae=256)
+    tensors["b_dec"] = torch.randn(32) * 3  # a large offset, so a missing fold would change the top-k
+    sae = TopKSAE.from_release(tensors, k=20)
+    x = torch.randn(200, 32) * 3 + tensors["b_dec"]
+    sae.center_input_(True)  # the encoder now reads x - b_dec; b_enc is rewritten to keep its output
+    assert not torch.equal(sae.b_enc, tensors["b_enc"])
+    with torch.no_grad():  # train a little in the centred form: moving b_dec now moves the encoder too
+        sae.b_dec.add_(0.5)
+        sae.W_enc.mul_(1.1)
+    exported = sae.to_release()
+    card = card_get_feature_acts(exported, x, 20, relu=False)
+    torch.testing.assert_close(card, sae.encode(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae(x).x_hat_BD, sae.decode(card), rtol=1e-4, atol=1e-4)
+    sae.center_input_(False)
+    for key in tensors:
+        torch.testing.assert_close(sae.to_release()[key], exported[key])
+
+
 def test_sparse_decode_matches_dense_decode():
     sae = TopKSAE(16, 128, 10)
     x = torch.randn(50, 16)
@@ -56,6 +75,9 @@ def test_init_gives_unit_norm_decoder_and_tied_encoder():
     sae = TopKSAE(16, 128, 10)
     torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(128))
     assert torch.equal(sae.W_enc, sae.W_dec.T)
+    sae.init_weights_(encoder_norm=0.5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(128))
+    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec.T)
 
 
 def test_parallel_gradient_removal_and_renorm():

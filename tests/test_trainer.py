@@ -13,23 +13,29 @@ from qscope_train.tracking import NullBar
 from qscope_train.trainer import NonFiniteLossError, auxk_loss, fit
 
 
+def _encoder_input(sae: TopKSAE, x):
+    return x - sae.b_dec if sae.centered else x
+
+
 def _dense_reference(sae: TopKSAE, x):
     """Autograd through the dense form: scatter the top-k into zeros, then z @ W_dec.T + b_dec."""
-    pre = x @ sae.W_enc.T + sae.b_enc
+    pre = _encoder_input(sae, x) @ sae.W_enc.T + sae.b_enc
     vals, idx = pre.topk(sae.k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, idx, vals)
     return z @ sae.W_dec.T + sae.b_dec
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
-def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dots, monkeypatch):
+def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dots, centered, monkeypatch):
     if dots == "sampled_addmm":  # the public fallback where torch lacks the internal op
         monkeypatch.setattr(sae_module, "per_sample_backward", lambda: None)
     torch.manual_seed(0)
     sae = TopKSAE(16, 128, 8)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 1.0)
+    sae.centered = centered  # the encoder reads x - b_dec (trainer.center_input)
     x = torch.randn(64, 16)
     fvu(x, sae(x).x_hat_BD).backward()
     sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -42,7 +48,7 @@ def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dot
 
 def _dense_loss_with_auxk(sae: TopKSAE, x, dead, k_aux, coef):
     """FVU + coef * AuxK written densely, for autograd to differentiate."""
-    pre = x @ sae.W_enc.T + sae.b_enc
+    pre = _encoder_input(sae, x) @ sae.W_enc.T + sae.b_enc
     vals, idx = pre.topk(sae.k, dim=-1)
     x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae.W_dec.T + sae.b_dec
     e = (x - x_hat).detach()
@@ -66,12 +72,14 @@ def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
 DEAD_COUNTS = [10, 40, 128]
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
-def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, dots, monkeypatch):
+def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, dots, centered, monkeypatch):
     if dots == "sampled_addmm":
         monkeypatch.setattr(sae_module, "per_sample_backward", lambda: None)
     sae, dead = _sae_with_dead(n_dead=n_dead)
+    sae.centered = centered
     x = torch.randn(64, 16)
     out = sae(x)
     (fvu(x, out.x_hat_BD) + 0.25 * auxk_loss(sae, x, out, dead, 6)).backward()
@@ -181,7 +189,7 @@ def test_gradient_clipping_bounds_the_step():
     for clip in (None, 1e-3):
         sae = TopKSAE(32, 256, 8)
         sae.init_weights_(generator=torch.Generator().manual_seed(0))
-        cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, grad_clip=clip, auxk_coef=0)
+        cfg = TrainerConfig(batch_size=256, lr=1e-3, warmup_steps=0, grad_clip=clip, auxk_coef=0).resolved(10)
         state = new_state(sae, cfg, 10, "cpu")
         seen = _record_grad_norm(state)
         train_step(state, x[:256], cfg)
@@ -243,14 +251,16 @@ def test_sign_descent_moves_each_weight_by_lr_against_its_gradient_sign():
     torch.testing.assert_close(w.detach(), torch.tensor([0.9, -1.9, 3.0]))
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "signum"])
-def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, tmp_path):
+@pytest.mark.parametrize("optimizer,center", [("adam", False), ("signum", False), ("signum", True)])
+def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, center, tmp_path):
     from qscope_train.config import OptimizerName
     from qscope_train.trainer import Checkpoints
 
     x = _sparse_data(n=4096)
     batches = [{0: x[i * 256 : (i + 1) * 256]} for i in range(12)]
-    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName(optimizer), warmup_steps=3, dead_after_tokens=1024)
+    cfg = TrainerConfig(
+        batch_size=256, optimizer=OptimizerName(optimizer), warmup_steps=3, dead_after_tokens=1024, center_input=center
+    )
 
     def train(directory, source):
         sae = TopKSAE(32, 256, 8)
@@ -299,3 +309,73 @@ def test_center_encoder_starts_the_pre_activations_at_zero_mean(center):
     torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
     mean_pre = sae.pre_acts(x).mean(0).abs().max().item()
     assert (mean_pre < 1e-4) if center else (mean_pre > 0.1)
+
+
+def test_center_input_trains_b_dec_through_the_encoder_and_exports_the_card_form():
+    x = _sparse_data() + 2.0
+    runs = {}
+    for center in (False, True):
+        sae = TopKSAE(32, 256, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(1))
+        cfg = TrainerConfig(batch_size=256, warmup_steps=2, center_input=center)
+        fit({0: sae}, _batches(x, 256), cfg, 20, "cpu", lambda s, m: None, NullBar)
+        assert not sae.centered  # back in the release's form
+        runs[center] = sae
+    assert not torch.allclose(runs[True].b_enc, runs[False].b_enc)  # a different training, not a relabelling
+    # the centred run's release computes what it trained: b_enc absorbed -W_enc @ b_dec
+    mean_pre = runs[True].pre_acts(x).mean(0)
+    assert mean_pre.abs().mean() < runs[False].pre_acts(x).mean(0).abs().mean()
+
+
+def test_the_probe_sees_the_exported_weights_and_leaves_training_alone():
+    from qscope_train.config import OptimizerName
+
+    x = _sparse_data()
+    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName.signum, center_input=True, log_every=5)
+    seen = {}
+
+    def train(probe):
+        sae = TopKSAE(32, 256, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(1))
+        fit({0: sae}, _batches(x, 256), cfg, 12, "cpu", lambda s, m: None, NullBar, probe=probe)
+        return sae
+
+    probed = train(lambda step, saes: seen.update({step: saes[0]}))
+    plain = train(None)
+    assert sorted(seen) == [0, 5, 10, 11]
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, probed.state_dict()[name]), name
+        assert torch.equal(p, seen[11].state_dict()[name]), name  # the last probe saw the export
+    assert not torch.equal(seen[5].W_dec, plain.W_dec)
+
+
+def test_decoder_init_data_starts_each_direction_at_a_distinct_centred_row():
+    from qscope_train.config import DecoderInit
+
+    x = _sparse_data(n=400) + 2.0
+    batches = [{0: x[i * 200 : (i + 1) * 200]} for i in range(2)]
+    sae = TopKSAE(32, 512, 8)  # more latents than the two batches have rows
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    random_dirs = sae.W_dec_FD.detach().clone()
+    cfg = TrainerConfig(batch_size=200, decoder_init=DecoderInit.data, encoder_init_norm=0.5)
+    seen = []
+    source = Unseekable(b for b in batches if not seen.append(1))
+    fit({0: sae}, source, cfg, 0, "cpu", lambda s, m: None, NullBar)  # initialisation only
+    assert len(seen) == 2  # both batches were read for rows
+    centred = torch.nn.functional.normalize(x - x[:200].mean(0), dim=-1)
+    best, which = (sae.W_dec_FD.detach() @ centred.T).max(1)
+    assert (best[:400] > 0.9999).all() and which[:400].unique().numel() == 400
+    assert torch.equal(sae.W_dec_FD[400:], random_dirs[400:])  # no rows left for these
+    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec_FD)
+
+
+def test_unset_schedule_and_dead_window_follow_the_optimizer_and_the_run_length():
+    from qscope_train.config import OptimizerName
+
+    adam = TrainerConfig(batch_size=1000, optimizer=OptimizerName.adam).resolved(160)
+    assert (adam.warmup_steps, adam.decay_fraction, adam.dead_after_tokens) == (100, 0.2, 10_000)
+    sign = TrainerConfig(batch_size=1000, optimizer=OptimizerName.signum).resolved(10**6)
+    assert (sign.warmup_steps, sign.decay_fraction, sign.dead_after_tokens) == (0, 0.0, 10_000_000)
+    assert TrainerConfig(batch_size=1000).resolved(3).dead_after_tokens == 1000  # never below one batch
+    mine = TrainerConfig(warmup_steps=7, decay_fraction=0.5, dead_after_tokens=123).resolved(10)
+    assert (mine.warmup_steps, mine.decay_fraction, mine.dead_after_tokens) == (7, 0.5, 123)

@@ -1,0 +1,84 @@
+"""Training objectives that keep the release format (per-token TopK, the same four tensors).
+
+- topk: FVU of the top-k reconstruction.
+- multi_topk: FVU(top-k) + coef * FVU(top-(factor*k)), Gao et al.'s (2024) Multi-TopK: the latents
+  ranked just below the k-th are trained to help too, so the code degrades gracefully at other k.
+- matryoshka: the mean FVU over nested prefixes of the latents (latents 0..m-1 for each prefix size m,
+  the last being all of them) of the same per-token top-k code: early latents must reconstruct on their
+  own, which pushes general features to the front and their refinements to the back (Bussmann et al.
+  2025 train prefixes with BatchTopK; here the code is the card's per-token TopK).
+
+Each returns the code the SAE selects at k (what dead counting and AuxK read), the loss to minimise,
+and the top-k FVU (what is logged as "fvu").
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .config import Objective, TrainerConfig
+from .losses import Reduce, fvu
+from .sae import ForwardOutput, LatentMajor, SparseCode, TopKSAE
+
+
+class StepLoss(NamedTuple):
+    out: ForwardOutput
+    loss: Tensor
+    fvu: Tensor
+
+
+def prefix_sizes(d_sae: int, fractions: list[float]) -> list[int]:
+    """Latent counts of the nested prefixes, ascending, ending with d_sae."""
+    sizes = sorted({max(1, round(f * d_sae)) for f in fractions if 0 < f < 1} | {d_sae})
+    return sizes
+
+
+def compute(
+    sae: TopKSAE,
+    x_BD: Tensor,
+    cfg: TrainerConfig,
+    k: int,
+    reduce: Reduce = None,
+    gemm_dtype: Optional[torch.dtype] = None,
+) -> StepLoss:
+    """The training objective named by cfg.objective on rows x_BD (B, d_model)."""
+    x_BD = x_BD.float()
+    if cfg.objective is Objective.multi_topk:
+        return multi_topk(sae, x_BD, k, cfg.multi_topk_factor, cfg.multi_topk_coef, reduce, gemm_dtype)
+    out = sae(x_BD, gemm_dtype=gemm_dtype, k=k)
+    main = fvu(x_BD, out.x_hat_BD, reduce)
+    if cfg.objective is Objective.matryoshka:
+        return StepLoss(out, matryoshka(sae, x_BD, out, prefix_sizes(sae.d_sae, cfg.matryoshka_prefixes), main, reduce), main)
+    return StepLoss(out, main, main)
+
+
+def multi_topk(
+    sae: TopKSAE, x_BD: Tensor, k: int, factor: int, coef: float, reduce: Reduce, gemm_dtype=None
+) -> StepLoss:
+    """FVU(top-k) + coef * FVU(top-(factor*k)); one encoder pass, one sparse backward through both."""
+    pre_BF = sae.dense_pre(x_BD, gemm_dtype)
+    with torch.no_grad():
+        idx_BM = sae.select(pre_BF, min(factor * k, sae.d_sae)).idx_BK
+    wide = sae.reconstruct(x_BD, pre_BF, idx_BM)
+    with torch.no_grad():  # the top k of the top factor*k are the top k
+        pos_BK = wide.code.vals_BK.topk(k, dim=-1, sorted=False).indices
+    code = SparseCode(wide.code.vals_BK.gather(-1, pos_BK), idx_BM.gather(-1, pos_BK))
+    out = ForwardOutput(sae.decode_sparse(code), code, pre_BF)
+    main = fvu(x_BD, out.x_hat_BD, reduce)
+    return StepLoss(out, main + coef * fvu(x_BD, wide.x_hat_BD, reduce), main)
+
+
+def matryoshka(sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, sizes: list[int], full: Tensor, reduce: Reduce) -> Tensor:
+    """Mean over the prefix sizes of the FVU when only latents below that size decode; `full` is the
+    FVU of the whole code (the last prefix), already computed."""
+    vals_BK, idx_BK = out.code
+    pairs = LatentMajor(idx_BK, sae.d_sae)  # one grouping shared by every prefix's decode
+    losses = [full]
+    for m in sizes[:-1]:
+        keep_BK = (idx_BK < m).to(vals_BK.dtype)
+        x_hat_BD = sae.decode_sparse(SparseCode(vals_BK * keep_BK, idx_BK), pairs=pairs)
+        losses.append(fvu(x_BD, x_hat_BD, reduce))
+    return torch.stack(losses).mean()
