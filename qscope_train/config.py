@@ -121,13 +121,10 @@ class TrainerConfig:
 
     batch_size: int = 4096
     """Activation rows (tokens) per optimizer step, per layer."""
-    optimizer: OptimizerName = OptimizerName.adam
-    """adam, or signum (sign descent with schedule-free averaging; the run exports the averaged weights)."""
+    optimizer: OptimizerName = OptimizerName.signum
+    """signum (sign descent under schedule-free averaging; the run exports the averaged weights) or adam."""
     lr: Optional[float] = None
-    """Learning rate; None means 2e-4 (adam) or 5e-3 (signum) / sqrt(d_sae / 2**14)."""
-    center_encoder: bool = False
-    """At the start of a fresh run, set b_enc = -W_enc @ b_dec, so that the pre-activations are centred on
-    the first batch's mean (what subtracting b_dec before the encoder does at initialisation)."""
+    """Learning rate; None means 2.5e-3 (signum) or 2e-4 (adam) / sqrt(d_sae / 2**14)."""
     objective: Objective = Objective.topk
     """topk, multi_topk (Gao et al.'s L(k) + L(4k)/8) or matryoshka (nested prefixes each reconstruct)."""
     multi_topk_factor: int = 4
@@ -136,13 +133,17 @@ class TrainerConfig:
     """multi_topk: weight of the second term."""
     matryoshka_prefixes: list[float] = field(default_factory=lambda: [1 / 16, 1 / 8, 1 / 4, 1 / 2])
     """matryoshka: prefix sizes as fractions of d_sae (all latents are always the last prefix)."""
-    center_input: bool = False
+    average_power: float = 1.0
+    """signum: schedule-free averages iterate t with weight t^average_power (0: all alike; larger values
+    favour the recent iterates over the early, still random ones)."""
+    center_input: bool = True
     """Train with the encoder reading x - b_dec, so that b_dec also moves the encoder's origin (sparsify's
     and Gao et al.'s form). The export folds it into b_enc: the released encoder is the card's."""
-    decoder_init: DecoderInit = DecoderInit.random
+    decoder_init: DecoderInit = DecoderInit.data
     """random, or data: each decoder direction starts as a distinct training row minus b_dec (fresh runs)."""
-    encoder_init_norm: float = 1.0
-    """Row norm of W_enc at initialisation (it starts as this multiple of the unit-norm decoder's transpose)."""
+    encoder_init_norm: float = 3**-0.5
+    """Row norm of W_enc at initialisation (it starts as this multiple of the unit-norm decoder's transpose);
+    1/sqrt(3) is the row norm of torch's default Linear initialisation, which sparsify keeps."""
     warmup_steps: Optional[int] = None
     """Linear learning-rate warmup from 0 over this many steps; None: 100 with adam, 0 with signum."""
     decay_fraction: Optional[float] = None
@@ -161,8 +162,9 @@ class TrainerConfig:
     """Steps over which k decreases linearly from k_start to sae.k."""
     encoder_dtype: DType = DType.float32
     """Dtype of the dense encoder GEMM (bfloat16 pays off on GPUs and AVX512-BF16 CPUs); weights stay fp32."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off."""
+    auxk_coef: float = 1 / 256
+    """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off. Our AuxK is
+    normalised by the residual's variance, not the input's (Gao et al.'s 1/32 is about 1/256 here at FVU 0.1)."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
     checkpoint_every: int = operational(1000)
@@ -196,6 +198,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.dead_after_tokens is not None and self.dead_after_tokens <= 0:
             raise ConfigError(f"trainer.dead_after_tokens must be positive, got {self.dead_after_tokens}")
+        if self.average_power < 0:
+            raise ConfigError(f"trainer.average_power must be >= 0, got {self.average_power}")
         if self.encoder_init_norm <= 0:
             raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
 

@@ -53,11 +53,13 @@ def any_(mask: Tensor) -> Tensor:
     return as_int.bool()
 
 
-def broadcast_(t: Tensor, src: int = 0) -> Tensor:
-    """Overwrite t on every rank with rank src's t, in place; returns t."""
-    if active():
-        dist.broadcast(t, src)
-    return t
+def cat(t: Tensor) -> Tensor:
+    """Every rank's t concatenated along dim 0 in rank order (the same shape on every rank)."""
+    if not active():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def gather(obj: Any) -> list[Any]:

@@ -12,11 +12,13 @@ from torch import nn
 from .config import OptimizerName, TrainerConfig
 
 SCHEDULE_FREE_MOMENTUM = 0.95  # sparsify's setting for signum; schedulefree's own default is 0.9
-BASE_LR = {OptimizerName.adam: 2e-4, OptimizerName.signum: 5e-3}
+# Adam: Gao et al.'s (2024) rate. signum: half of sparsify's 5e-3, chosen on scripts/bench_quality.py
+# (with the data-initialised decoder, 5e-3 leaves more latents dead and recovers fewer true directions)
+BASE_LR = {OptimizerName.adam: 2e-4, OptimizerName.signum: 2.5e-3}
 
 
-def default_lr(d_sae: int, optimizer: OptimizerName = OptimizerName.adam) -> float:
-    """BASE_LR / sqrt(d_sae / 2^14): Gao et al.'s (2024) scaling for TopK SAEs (Adam 2e-4, signum 5e-3)."""
+def default_lr(d_sae: int, optimizer: OptimizerName = OptimizerName.signum) -> float:
+    """BASE_LR / sqrt(d_sae / 2^14): Gao et al.'s (2024) width scaling for TopK SAEs."""
     return BASE_LR[optimizer] / math.sqrt(d_sae / 2**14)
 
 
@@ -55,7 +57,7 @@ def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_step
         from schedulefree import ScheduleFreeWrapper
 
         base = SignSGD(params, lr)
-        opt = ScheduleFreeWrapper(base, momentum=SCHEDULE_FREE_MOMENTUM)
+        opt = ScheduleFreeWrapper(base, momentum=SCHEDULE_FREE_MOMENTUM, r=cfg.average_power)
         opt.train()
     sched = torch.optim.lr_scheduler.LambdaLR(
         base, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)

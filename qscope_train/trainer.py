@@ -19,7 +19,7 @@ from torch import Tensor
 from . import distributed, objectives
 from .config import Activation, DecoderInit, TrainerConfig, fingerprint_diff
 from .data.batches import BatchSource
-from .errors import ConfigError, InputError, QScopeError
+from .errors import InputError, QScopeError
 from .fsutil import atomic_torch_save, atomic_write_json
 from .losses import auxk, dead_topk, global_mean
 from .optim import averaged_weight, build, use_averaged_weights_
@@ -205,25 +205,27 @@ def _restore(states: dict[int, LayerState], reader: BatchSource, ckpt: dict) -> 
 @torch.no_grad()
 def _init_from_rows(states: dict[int, LayerState], peeked: list, it, cfg: TrainerConfig, device) -> list:
     """decoder_init=data: each decoder direction starts as a distinct training row minus b_dec, normalised
-    (the encoder as encoder_init_norm times it), the rows drawn from the first batches (rank 0's, so every
-    rank starts alike). Returns the batches read, which training then starts with."""
-    d_sae = next(iter(states.values())).sae.d_sae
-    while sum(b[next(iter(states))].shape[0] for b in peeked) < d_sae:
+    (the encoder as encoder_init_norm times it), drawn from the first global batches (every rank's rows in
+    rank order, so any number of processes starts alike). Returns the batches read, which training then
+    starts with."""
+    first = next(iter(states))
+    d_sae = states[first].sae.d_sae
+    while sum(b[first].shape[0] for b in peeked) * distributed.world() < d_sae:
         try:
             peeked.append(next(it))
         except StopIteration:
             break
-    g = torch.Generator().manual_seed(cfg.seed)
     for n, state in states.items():
         sae = state.sae
-        rows = torch.cat([b[n] for b in peeked]).to(device).float() - sae.b_dec
+        g = torch.Generator().manual_seed(cfg.seed * 65_537 + n)  # per layer: whichever layers train beside it
+        rows = torch.cat([distributed.cat(b[n].to(device).float()) for b in peeked]) - sae.b_dec
+        rows = rows[torch.isfinite(rows).all(1) & (rows.norm(dim=1) > 0)]  # a bad row fails at its own step
         pick = torch.randperm(rows.shape[0], generator=g)[:d_sae].to(device)
         dirs_FD = torch.nn.functional.normalize(rows[pick], dim=-1)
-        if dirs_FD.shape[0] < d_sae:  # fewer rows than latents: the rest keep their random directions
-            dirs_FD = torch.cat([dirs_FD, sae.W_dec_FD[dirs_FD.shape[0] :]])
-        distributed.broadcast_(dirs_FD.contiguous())
-        sae.W_dec_FD.copy_(dirs_FD)
-        sae.W_enc.copy_(dirs_FD * cfg.encoder_init_norm)
+        m = dirs_FD.shape[0]  # fewer rows than latents: the rest keep their random directions
+        sae.W_dec_FD[:m] = dirs_FD
+        sae.W_enc[:m] = dirs_FD * cfg.encoder_init_norm
+        sae.W_enc[m:] = sae.W_dec_FD[m:] * cfg.encoder_init_norm
     return peeked
 
 
@@ -247,8 +249,6 @@ def fit(
     final FVU, dead fraction); the SAEs are left at their exported weights, in the release's form.
     """
     cfg = cfg.resolved(total_steps)
-    if cfg.center_input and cfg.center_encoder:
-        raise ConfigError("trainer.center_encoder and trainer.center_input both centre the encoder: pick one")
     states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
     if cfg.center_input:
         for s in states.values():
@@ -265,8 +265,6 @@ def fit(
         with torch.no_grad():
             for n, state in states.items():
                 state.sae.b_dec.copy_(global_mean(peeked[0][n].to(device).float(), distributed.sum_))
-                if cfg.center_encoder:
-                    state.sae.b_enc.copy_(-(state.sae.W_enc @ state.sae.b_dec))
         if cfg.decoder_init is DecoderInit.data:
             peeked = _init_from_rows(states, peeked, it, cfg, device)
         it = itertools.chain(peeked, it)

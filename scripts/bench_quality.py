@@ -103,9 +103,13 @@ class Dictionary:
         fire = parents & (torch.rand(rows, self.n_parents, generator=g) < self.CHILD_PROB)
         child_idx = self.n_parents + torch.arange(self.n_parents) * self.CHILDREN + pick
         active.scatter_(1, child_idx, fire)
-        magnitude = self.scales * (0.25 + torch.empty(rows, F).exponential_(generator=g))
-        codes = active * magnitude
-        x = codes @ self.directions + self.offset
+        # sparse assembly: magnitudes only for the active (row, feature) pairs, summed per row
+        row, feat = active.nonzero(as_tuple=True)  # row-major, so each row's pairs are contiguous
+        magnitude = self.scales[feat] * (0.25 + torch.empty(feat.shape[0]).exponential_(generator=g))
+        offsets = torch.zeros(rows, dtype=torch.long)
+        offsets[1:] = torch.bincount(row, minlength=rows).cumsum(0)[:-1]
+        x = torch.nn.functional.embedding_bag(feat, self.directions, offsets, mode="sum", per_sample_weights=magnitude)
+        x = x + self.offset
         return x + self.noise * torch.randn(rows, self.shape.d_model, generator=g)
 
     def info(self) -> dict:

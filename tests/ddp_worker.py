@@ -16,7 +16,7 @@ from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
 from qscope_train.trainer import fit
 
-B, D, F, K, STEPS = 64, 16, 128, 8, 12
+B, D, F, K, STEPS = 64, 16, 256, 8, 12  # F > B: the data init reads four global batches
 
 
 def main(out: str) -> None:
@@ -33,8 +33,9 @@ def main(out: str) -> None:
         batches.append({0: x[rank * B // world : (rank + 1) * B // world]})
     sae = TopKSAE(D, F, K)
     sae.init_weights_(generator=torch.Generator().manual_seed(1))
-    # a short dead window, so that AuxK is active in most steps
-    cfg = TrainerConfig(batch_size=B, lr=1e-2, warmup_steps=2, dead_after_tokens=2 * B, log_every=1)
+    # the default recipe (signum, centred encoder, decoder directions from the first global batches) with a
+    # one-batch dead window, so that AuxK is active in most steps
+    cfg = TrainerConfig(batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1)
     logs = []
     fit({0: sae}, Unseekable(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
     if rank == 0:

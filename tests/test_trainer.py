@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qscope_train import sae as sae_module
-from qscope_train.config import Activation, TrainerConfig
+from qscope_train.config import Activation, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.losses import fvu
 from qscope_train.optim import default_lr, lr_factor
@@ -124,7 +124,7 @@ def test_fifty_steps_lower_fvu_and_keep_decoder_columns_unit_norm():
     sae.init_weights_(generator=torch.Generator().manual_seed(1))
     before = fvu(x, sae(x).x_hat_BD).item()
     logs = []
-    cfg = TrainerConfig(batch_size=256, lr=3e-3, warmup_steps=5, log_every=10)
+    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName.adam, lr=3e-3, warmup_steps=5, log_every=10)
     summary = fit({0: sae}, _batches(x, 256), cfg, 50, "cpu", lambda s, m: logs.append((s, m)), NullBar)
     after = fvu(x, sae(x).x_hat_BD).item()
     assert after < 0.5 * before, (before, after)
@@ -152,8 +152,8 @@ def test_non_finite_loss_stops_with_layer_and_step():
 
 
 def test_learning_rate_schedule_and_default():
-    assert default_lr(16384) == pytest.approx(2e-4)
-    assert default_lr(32768) == pytest.approx(2e-4 / math.sqrt(2))
+    assert default_lr(16384, OptimizerName.adam) == pytest.approx(2e-4)
+    assert default_lr(32768, OptimizerName.adam) == pytest.approx(2e-4 / math.sqrt(2))
     f = [lr_factor(s, 100, 10, 0.2) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
     assert f[80] == 1.0 and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
@@ -284,7 +284,7 @@ def test_signum_trains_and_exports_the_schedule_free_average():
     from qscope_train.optim import default_lr
     from qscope_train.trainer import new_state
 
-    assert default_lr(16384, OptimizerName.signum) == pytest.approx(5e-3)
+    assert default_lr(16384, OptimizerName.signum) == pytest.approx(2.5e-3)
     x = _sparse_data()
     sae = TopKSAE(32, 256, 8)
     sae.init_weights_(generator=torch.Generator().manual_seed(1))
@@ -300,11 +300,11 @@ def test_signum_trains_and_exports_the_schedule_free_average():
 
 
 @pytest.mark.parametrize("center", [False, True])
-def test_center_encoder_starts_the_pre_activations_at_zero_mean(center):
+def test_center_input_starts_the_pre_activations_at_zero_mean(center):
     x = _sparse_data() + 2.0  # a large shared offset, as residual streams have
     sae = TopKSAE(32, 256, 8)
     sae.init_weights_(generator=torch.Generator().manual_seed(1))
-    cfg = TrainerConfig(batch_size=4096, center_encoder=center)
+    cfg = TrainerConfig(batch_size=4096, center_input=center, decoder_init=DecoderInit.random)
     fit({0: sae}, Unseekable([{0: x}]), cfg, 0, "cpu", lambda s, m: None, NullBar)  # initialisation only
     torch.testing.assert_close(sae.b_dec.detach(), x.mean(0))
     mean_pre = sae.pre_acts(x).mean(0).abs().max().item()
