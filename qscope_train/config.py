@@ -124,7 +124,8 @@ class TrainerConfig:
     optimizer: OptimizerName = OptimizerName.signum
     """signum (sign descent under schedule-free averaging; the run exports the averaged weights) or adam."""
     lr: Optional[float] = None
-    """Learning rate; None means 2.5e-3 (signum) or 2e-4 (adam) / sqrt(d_sae / 2**14)."""
+    """Learning rate; None means 2.5e-3 (signum) or 2e-4 (adam) / sqrt(d_sae / 2**14), and for signum also
+    times sqrt(2**20 / the run's tokens) when the run is longer than 2**20 tokens (at most 4x lower)."""
     objective: Objective = Objective.topk
     """topk, multi_topk (Gao et al.'s L(k) + L(4k)/8) or matryoshka (nested prefixes each reconstruct)."""
     multi_topk_factor: int = 4

@@ -12,14 +12,22 @@ from torch import nn
 from .config import OptimizerName, TrainerConfig
 
 SCHEDULE_FREE_MOMENTUM = 0.95  # sparsify's setting for signum; schedulefree's own default is 0.9
-# Adam: Gao et al.'s (2024) rate. signum: half of sparsify's 5e-3, chosen on scripts/bench_quality.py
-# (with the data-initialised decoder, 5e-3 leaves more latents dead and recovers fewer true directions)
+# Adam: Gao et al.'s (2024) rate. signum: half of sparsify's 5e-3 at 1M tokens, chosen on
+# scripts/bench_quality.py (with the data-initialised decoder, 5e-3 leaves more latents dead and recovers
+# fewer true directions), and lower for longer runs: sign descent's step noise does not shrink on its own
+# measured from 1M to 8M tokens; past 16M the rate stays at a quarter (unmeasured there: sparsify keeps one
+# rate for runs of any length)
+SIGNUM_REFERENCE_TOKENS, SIGNUM_LONGEST_TOKENS = 2**20, 2**24
 BASE_LR = {OptimizerName.adam: 2e-4, OptimizerName.signum: 2.5e-3}
 
 
-def default_lr(d_sae: int, optimizer: OptimizerName = OptimizerName.signum) -> float:
-    """BASE_LR / sqrt(d_sae / 2^14): Gao et al.'s (2024) width scaling for TopK SAEs."""
-    return BASE_LR[optimizer] / math.sqrt(d_sae / 2**14)
+def default_lr(d_sae: int, optimizer: OptimizerName = OptimizerName.signum, run_tokens: int | None = None) -> float:
+    """BASE_LR / sqrt(d_sae / 2^14) (Gao et al.'s 2024 width scaling for TopK SAEs); for signum, times
+    sqrt(2^20 / run_tokens) when the run is longer than 2^20 tokens (at most 4x lower, from 2^24 tokens on)."""
+    lr = BASE_LR[optimizer] / math.sqrt(d_sae / 2**14)
+    if optimizer is OptimizerName.signum and run_tokens is not None and run_tokens > SIGNUM_REFERENCE_TOKENS:
+        lr *= math.sqrt(SIGNUM_REFERENCE_TOKENS / min(run_tokens, SIGNUM_LONGEST_TOKENS))
+    return lr
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
@@ -49,7 +57,7 @@ class SignSGD(torch.optim.Optimizer):
 def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_steps: int):
     """(optimizer, scheduler) for one SAE. The scheduler scales group["lr"] by lr_factor every step; under
     schedule-free averaging the optimizer is in train mode (its parameters are the y sequence)."""
-    lr = cfg.lr if cfg.lr is not None else default_lr(d_sae, cfg.optimizer)
+    lr = cfg.lr if cfg.lr is not None else default_lr(d_sae, cfg.optimizer, total_steps * cfg.batch_size)
     if cfg.optimizer is OptimizerName.adam:
         # the fused kernel: 7x faster than foreach on a 2-core CPU
         opt = base = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)

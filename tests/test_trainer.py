@@ -285,6 +285,11 @@ def test_signum_trains_and_exports_the_schedule_free_average():
     from qscope_train.trainer import new_state
 
     assert default_lr(16384, OptimizerName.signum) == pytest.approx(2.5e-3)
+    # signum: lower for runs longer than 2^20 tokens, by sqrt of the ratio, at most 4x
+    assert default_lr(16384, OptimizerName.signum, 2**20) == pytest.approx(2.5e-3)
+    assert default_lr(16384, OptimizerName.signum, 2**22) == pytest.approx(2.5e-3 / 2)
+    assert default_lr(16384, OptimizerName.signum, 2**30) == pytest.approx(2.5e-3 / 4)
+    assert default_lr(16384, OptimizerName.adam, 2**30) == pytest.approx(2e-4)
     x = _sparse_data()
     sae = TopKSAE(32, 256, 8)
     sae.init_weights_(generator=torch.Generator().manual_seed(1))

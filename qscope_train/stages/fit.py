@@ -170,6 +170,7 @@ def layer_meta(cfg: RunConfig, model_name: str, n: int, sae: TopKSAE, summary: O
         "train": summary or {},
         "data": to_plain(cfg.data),
         "reader": to_plain(cfg.reader),
-        "trainer": to_plain(cfg.trainer),
+        # the settings this run used: warmup, decay and dead window resolved for its length
+        "trainer": to_plain(cfg.trainer.resolved(summary["steps"]) if summary else cfg.trainer),
         "qscope_train_version": __version__,
     }
