@@ -260,6 +260,7 @@ def fit(
         start = ckpt["step"] + 1
         print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
     it = iter(batches)
+    n_peeked = 0  # batches read ahead for initialisation: the reader's position runs ahead until trained
     if ckpt is None and init_b_dec:
         peeked = [next(it)]
         with torch.no_grad():
@@ -267,6 +268,7 @@ def fit(
                 state.sae.b_dec.copy_(global_mean(peeked[0][n].to(device).float(), distributed.sum_))
         if cfg.decoder_init is DecoderInit.data:
             peeked = _init_from_rows(states, peeked, it, cfg, device)
+        n_peeked = len(peeked)
         it = itertools.chain(peeked, it)
 
     with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
@@ -288,7 +290,8 @@ def fit(
                     probe(step, {n: exported_copy(s) for n, s in states.items()})
                 worst = max(metrics.values(), key=lambda m: m["fvu"])
                 bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
-            if checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total_steps:
+            due = checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0
+            if due and n_peeked <= step + 1 < total_steps:  # never while read-ahead batches wait untrained
                 payload = _state_payload(states, batches)
                 if distributed.rank() == 0:
                     checkpoints.save(step, payload)

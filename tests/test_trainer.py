@@ -384,3 +384,34 @@ def test_unset_schedule_and_dead_window_follow_the_optimizer_and_the_run_length(
     assert TrainerConfig(batch_size=1000).resolved(3).dead_after_tokens == 1000  # never below one batch
     mine = TrainerConfig(warmup_steps=7, decay_fraction=0.5, dead_after_tokens=123).resolved(10)
     assert (mine.warmup_steps, mine.decay_fraction, mine.dead_after_tokens) == (7, 0.5, 123)
+
+
+def test_a_crash_while_initialisation_batches_wait_resumes_exactly(tmp_path):
+    """decoder_init=data reads 4 batches ahead for 1024 latents; a checkpoint taken before they are all
+    trained would record a reader position past untrained batches, so none is taken then."""
+    from qscope_train.trainer import Checkpoints
+
+    x = _sparse_data(n=4096)
+    batches = [{0: x[i * 256 : (i + 1) * 256]} for i in range(12)]
+    cfg = TrainerConfig(batch_size=256, dead_after_tokens=1024, log_every=1)
+
+    def crash_at(step):
+        def log(s, m):
+            if s == step:
+                raise KeyboardInterrupt("crash")
+
+        return log
+
+    def train(directory, log):
+        sae = TopKSAE(32, 1024, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(1))
+        ckpts = Checkpoints(directory, 2, 2, {"t": 1})
+        fit({0: sae}, _ListSource(batches), cfg, 12, "cpu", log, NullBar, checkpoints=ckpts)
+        return sae
+
+    whole = train(tmp_path / "a", lambda s, m: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "b", crash_at(2))  # after step 1's checkpoint time, before step 3's
+    resumed = train(tmp_path / "b", lambda s, m: None)
+    for name, p in whole.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
