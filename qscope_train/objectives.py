@@ -51,7 +51,9 @@ def compute(
     out = sae(x_BD, gemm_dtype=gemm_dtype, k=k)
     main = fvu(x_BD, out.x_hat_BD, reduce)
     if cfg.objective is Objective.matryoshka:
-        return StepLoss(out, matryoshka(sae, x_BD, out, prefix_sizes(sae.d_sae, cfg.matryoshka_prefixes), main, reduce), main)
+        return StepLoss(
+            out, matryoshka(sae, x_BD, out, prefix_sizes(sae.d_sae, cfg.matryoshka_prefixes), main, reduce), main
+        )
     return StepLoss(out, main, main)
 
 
@@ -71,7 +73,9 @@ def multi_topk(
     return StepLoss(out, main + coef * fvu(x_BD, wide.x_hat_BD, reduce), main)
 
 
-def matryoshka(sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, sizes: list[int], full: Tensor, reduce: Reduce) -> Tensor:
+def matryoshka(
+    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, sizes: list[int], full: Tensor, reduce: Reduce
+) -> Tensor:
     """Mean over the prefix sizes of the FVU when only latents below that size decode; `full` is the
     FVU of the whole code (the last prefix), already computed."""
     vals_BK, idx_BK = out.code

@@ -120,7 +120,9 @@ class _GatherPre(torch.autograd.Function):
     entries (no dense (B, d_sae) gradient). x_BD is the encoder's input, already centred if it is."""
 
     @staticmethod
-    def forward(ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], pre_BF: Tensor, pairs) -> Tensor:
+    def forward(
+        ctx, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Optional[Tensor], pre_BF: Tensor, pairs
+    ) -> Tensor:
         ctx.save_for_backward(x_BD, W_enc)
         ctx.pairs = pairs
         return pre_BF.gather(-1, pairs.idx_BM)

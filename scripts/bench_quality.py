@@ -125,7 +125,6 @@ class Dictionary:
             "children": self.n_parents * self.CHILDREN,
         }
 
-
     def heldout(self, rows: int = 32768) -> torch.Tensor:
         return torch.cat([self.batch(-1 - i) for i in range(max(1, rows // self.shape.batch))])
 
@@ -295,7 +294,12 @@ def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path
             opt.eval()
         with torch.no_grad():
             W_enc, b_enc = sae.encoder.weight.detach(), sae.encoder.bias.detach()
-            tensors = {"W_enc": W_enc, "W_dec": sae.W_dec.detach().T, "b_enc": b_enc - W_enc @ sae.b_dec, "b_dec": sae.b_dec}
+            tensors = {
+                "W_enc": W_enc,
+                "W_dec": sae.W_dec.detach().T,
+                "b_enc": b_enc - W_enc @ sae.b_dec,
+                "b_dec": sae.b_dec,
+            }
             torch.save({k: v.float().contiguous().clone() for k, v in tensors.items()}, export)
     return [
         {

@@ -134,7 +134,8 @@ def initial_saes(cfg: RunConfig, d_model: int, layers: Optional[list[int]] = Non
         for n in layers:
             saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
             saes[n].init_weights_(
-                generator=torch.Generator().manual_seed(cfg.trainer.seed + n), encoder_norm=cfg.trainer.encoder_init_norm
+                generator=torch.Generator().manual_seed(cfg.trainer.seed + n),
+                encoder_norm=cfg.trainer.encoder_init_norm,
             )
         return saes
     saes = load_saes(cfg.init_from, layers, cfg.init_from_revision, cfg.sae.activation)
