@@ -32,8 +32,7 @@ class StepLoss(NamedTuple):
 
 def prefix_sizes(d_sae: int, fractions: list[float]) -> list[int]:
     """Latent counts of the nested prefixes, ascending, ending with d_sae."""
-    sizes = sorted({max(1, round(f * d_sae)) for f in fractions if 0 < f < 1} | {d_sae})
-    return sizes
+    return sorted({max(1, round(f * d_sae)) for f in fractions if 0 < f < 1} | {d_sae})
 
 
 def compute(

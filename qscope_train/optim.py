@@ -14,9 +14,9 @@ from .config import OptimizerName, TrainerConfig
 SCHEDULE_FREE_MOMENTUM = 0.95  # sparsify's setting for signum; schedulefree's own default is 0.9
 # Adam: Gao et al.'s (2024) rate. signum: half of sparsify's 5e-3 at 1M tokens, chosen on
 # scripts/bench_quality.py (with the data-initialised decoder, 5e-3 leaves more latents dead and recovers
-# fewer true directions), and lower for longer runs: sign descent's step noise does not shrink on its own
-# measured from 1M to 8M tokens; past 16M the rate stays at a quarter (unmeasured there: sparsify keeps one
-# rate for runs of any length)
+# fewer true directions), and lower for longer runs, since sign descent's step noise does not shrink on
+# its own. Measured from 1M to 8M tokens; past 16M the rate stays at a quarter (unmeasured there:
+# sparsify keeps one rate for runs of any length).
 SIGNUM_REFERENCE_TOKENS, SIGNUM_LONGEST_TOKENS = 2**20, 2**24
 BASE_LR = {OptimizerName.adam: 2e-4, OptimizerName.signum: 2.5e-3}
 
