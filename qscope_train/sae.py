@@ -293,21 +293,24 @@ class TopKSAE(nn.Module):
             out_BD = out_BD + self.b_dec
         return out_BD.reshape(*lead, self.d_model)
 
-    def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, pairs: LatentMajor) -> Tensor:
-        """Values at pairs.idx_BM that carry gradients to W_enc and b_enc (and b_dec, centred) through the
-        sparse backward. x_BD is the raw input."""
+    def code_with_grad(self, x_BD: Tensor, pre_BF: Tensor, pairs: LatentMajor, b_dec_grad: bool = True) -> Tensor:
+        """Values at pairs.idx_BM that carry gradients to W_enc and b_enc (and b_dec, centred, unless
+        b_dec_grad is False) through the sparse backward. x_BD is the raw input."""
         if self.centered:
             x_in = (x_BD.to(self.W_enc.dtype) - self.b_dec).detach()
-            vals = _GatherPre.apply(x_in, self.W_enc, self.b_enc, self.b_dec, pre_BF, pairs)
+            vals = _GatherPre.apply(x_in, self.W_enc, self.b_enc, self.b_dec if b_dec_grad else None, pre_BF, pairs)
         else:
             vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, None, pre_BF, pairs)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
     def decode_selected(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
         """Reconstruction without b_dec from the latents idx_BM (B, M), valued from pre_BF (B, d_sae); the
-        gradients reach W_enc, b_enc and those decoder rows through the sparse backward (AuxK's term)."""
+        gradients reach only those latents' W_enc, b_enc and decoder rows, through the sparse backward
+        (AuxK's term). b_dec gets none even when the encoder reads x - b_dec: AuxK is there to move dead
+        latents, and its gradient on the shared bias (normalised by the small residual's variance) cost
+        reconstruction on real activations (docs/BENCHMARKS.md, tiny Qwen3)."""
         pairs = LatentMajor(idx_BM, self.d_sae)
-        vals_BM = self.code_with_grad(x_BD, pre_BF, pairs)
+        vals_BM = self.code_with_grad(x_BD, pre_BF, pairs, b_dec_grad=False)
         return self.decode_sparse(SparseCode(vals_BM, idx_BM), bias=False, pairs=pairs)
 
     @torch.no_grad()

@@ -63,7 +63,7 @@ class NonFiniteLossError(QScopeError, FloatingPointError):
 
 def auxk_loss(sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, reduce=None) -> Tensor:
     """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
-    (losses.auxk); the gradient reaches W_dec's dead rows and, through the sparse gather, W_enc and b_enc."""
+    (losses.auxk); the gradient reaches only the dead rows of W_dec, W_enc and b_enc (never b_dec)."""
     n_dead = int(dead_F.sum())
     relu = sae.activation is Activation.relu_topk
     idx_BA = dead_topk(out.pre_BF, dead_F, min(k_aux, n_dead), n_dead, relu)
@@ -226,7 +226,29 @@ def _init_from_rows(states: dict[int, LayerState], peeked: list, it, cfg: Traine
         sae.W_dec_FD[:m] = dirs_FD
         sae.W_enc[:m] = dirs_FD * cfg.encoder_init_norm
         sae.W_enc[m:] = sae.W_dec_FD[m:] * cfg.encoder_init_norm
+        _fit_encoder_scale_(sae, rows[:SCALE_ROWS])
     return peeked
+
+
+SCALE_ROWS = 1024  # rows that set the data-initialised encoder's scale (a (rows, d_sae) matrix)
+
+
+@torch.no_grad()
+def _fit_encoder_scale_(sae: TopKSAE, rows_ND: Tensor) -> None:
+    """Scale W_enc so the first reconstruction of rows_ND (centred rows) has its least-squares size.
+    Directions taken from the data each read a large share of a row, so k of them at encoder_init_norm
+    reconstruct several times the row (an initial FVU far above 1, which the first steps then spend
+    undoing); b_enc is 0 here, so a positive scale leaves which latents fire unchanged."""
+    if rows_ND.shape[0] == 0:
+        return
+    pre = rows_ND @ sae.W_enc.T + sae.b_enc
+    vals, idx = pre.topk(sae.k, dim=-1)
+    if sae.activation is Activation.relu_topk:
+        vals = vals.relu()
+    x_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec_FD, mode="sum", per_sample_weights=vals)
+    scale = (rows_ND * x_hat).sum() / x_hat.pow(2).sum()
+    if torch.isfinite(scale) and scale > 0:
+        sae.W_enc.mul_(scale)
 
 
 def fit(

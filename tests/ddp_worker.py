@@ -37,9 +37,10 @@ def main(out: str) -> None:
     # one-batch dead window, so that AuxK is active in most steps
     cfg = TrainerConfig(batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1)
     logs = []
+    init = {name: t.clone() for name, t in sae.state_dict().items()}
     fit({0: sae}, Unseekable(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
     if rank == 0:
-        torch.save({"state": sae.state_dict(), "logs": logs}, out)
+        torch.save({"state": sae.state_dict(), "init": init, "logs": logs}, out)
     if dist.is_initialized():
         # all ranks leave together: a rank tearing gloo down while rank 0 still saves can abort (SIGABRT)
         dist.barrier()

@@ -28,8 +28,11 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         assert a["dead_frac"] == b["dead_frac"]
     for name, want in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], want, rtol=1e-4, atol=1e-5, msg=name)
-    # and the weights did move away from the shared initialisation
-    assert single["logs"][-1]["fvu"] < single["logs"][0]["fvu"]
+    # and the optimizer really stepped: b_enc starts at zero and only the updates move it (the data
+    # initialisation rewrites W_enc, W_dec and b_dec inside fit, and starts at a fit good enough that
+    # 12 steps at this lr need not lower the FVU)
+    assert not single["init"]["b_enc"].any()
+    assert (single["state"]["b_enc"].abs() > 1e-3).float().mean() > 0.5
 
 
 def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(fixtures_dir, tmp_path):

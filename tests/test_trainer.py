@@ -47,11 +47,14 @@ def test_sparse_path_gradients_equal_the_dense_reference_for_every_parameter(dot
 
 
 def _dense_loss_with_auxk(sae: TopKSAE, x, dead, k_aux, coef):
-    """FVU + coef * AuxK written densely, for autograd to differentiate."""
+    """FVU + coef * AuxK written densely, for autograd to differentiate. AuxK's encoder reads x - b_dec
+    with b_dec held constant: its gradient stays on the dead latents' own parameters."""
     pre = _encoder_input(sae, x) @ sae.W_enc.T + sae.b_enc
     vals, idx = pre.topk(sae.k, dim=-1)
     x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae.W_dec.T + sae.b_dec
     e = (x - x_hat).detach()
+    x_in = x - sae.b_dec.detach() if sae.centered else x
+    pre = x_in @ sae.W_enc.T + sae.b_enc
     aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1)
     e_hat = torch.zeros_like(pre).scatter(-1, aux_idx, aux_vals) @ sae.W_dec.T
     return fvu(x, x_hat) + coef * fvu(e, e_hat)
@@ -90,10 +93,14 @@ def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, do
         torch.testing.assert_close(sparse[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("activation", list(Activation))
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
-def test_auxk_alone_trains_the_encoder_and_decoder_of_dead_latents(n_dead, activation):
+def test_auxk_alone_trains_the_encoder_and_decoder_of_dead_latents(n_dead, activation, centered):
+    """AuxK moves only the dead latents' own rows: never a live latent and never b_dec (with a centred
+    encoder its gradient would reach b_dec through x - b_dec; on real activations that cost FVU)."""
     sae, dead = _sae_with_dead(1, n_dead, activation)
+    sae.centered = centered
     x = torch.randn(64, 16)
     out = sae(x)
     auxk_loss(sae, x, out, dead, 12).backward()
@@ -371,7 +378,15 @@ def test_decoder_init_data_starts_each_direction_at_a_distinct_centred_row():
     best, which = (sae.W_dec_FD.detach() @ centred.T).max(1)
     assert (best[:400] > 0.9999).all() and which[:400].unique().numel() == 400
     assert torch.equal(sae.W_dec_FD[400:], random_dirs[400:])  # no rows left for these
-    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec_FD)
+    # the encoder is the decoder times one positive factor, fitted so the first reconstruction of the
+    # rows has its least-squares size: the residual is orthogonal to the (bias-free) reconstruction
+    W_dec = sae.W_dec_FD.detach()
+    c = float((sae.W_enc.detach() * W_dec).sum() / W_dec.pow(2).sum())
+    assert c > 0
+    torch.testing.assert_close(sae.W_enc.detach(), c * W_dec)
+    with torch.no_grad():
+        part = sae(x).x_hat_BD - sae.b_dec
+    assert abs(float(((x - sae.b_dec - part) * part).sum())) < 1e-4 * float(part.pow(2).sum())
 
 
 def test_unset_schedule_and_dead_window_follow_the_optimizer_and_the_run_length():
