@@ -176,11 +176,18 @@ class TrainerConfig:
     """Checkpoints kept on disk (the newest ones)."""
     seed: int = 0
     """Seed for initialisation and batch order."""
+    layer_groups: str = "1"
+    """Train the layers in this many sequential groups, each a full pass over the batches with only its
+    own SAEs in memory (each group resumable; a layer's weights do not depend on its group), or auto:
+    as few groups as fit in the device's free memory (the fit stage prints the plan)."""
     layer_sharding: bool = False
     """With several processes: each one trains its share of the layers (layers[rank::world]) on full
     batches and exchanges nothing, instead of all of them splitting every batch (data parallel)."""
     log_every: int = operational(20)
-    """Steps between log lines (JSONL, progress bar, wandb)."""
+    """Steps between log lines (JSONL, progress bar, wandb); metrics are read from the device only then."""
+    prefetch_batches: int = operational(2)
+    """Batches a background thread prepares ahead of the training step (in pinned memory on CUDA); 0 reads
+    each batch on the training thread when it is needed."""
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -203,8 +210,22 @@ class TrainerConfig:
             raise ConfigError(f"trainer.dead_after_tokens must be positive, got {self.dead_after_tokens}")
         if self.average_power < 0:
             raise ConfigError(f"trainer.average_power must be >= 0, got {self.average_power}")
+        self.group_count()  # validates layer_groups
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"trainer.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.encoder_init_norm <= 0:
             raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
+
+    def group_count(self) -> Optional[int]:
+        """layer_groups as a number of groups, or None for auto."""
+        value = str(self.layer_groups).strip().lower()
+        if value == "auto":
+            return None
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(
+                f"trainer.layer_groups must be a positive number of groups or auto, got {self.layer_groups!r}"
+            )
+        return int(value)
 
     def resolved(self, total_steps: int) -> TrainerConfig:
         """This config with every None that depends on the optimizer or the run's length filled in."""

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 _LOCAL = False  # inside local(): this process trains alone, whatever the launcher started
+_TRAFFIC = {"all_reduce_calls": 0, "all_reduce_bytes": 0}  # this process's all-reduces through sum_
 
 
 def active() -> bool:
@@ -41,7 +42,14 @@ def sum_(t: Tensor) -> Tensor:
     """All-reduce (sum) in place; returns t."""
     if active():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        _TRAFFIC["all_reduce_calls"] += 1
+        _TRAFFIC["all_reduce_bytes"] += t.numel() * t.element_size()
     return t
+
+
+def traffic() -> dict[str, int]:
+    """All-reduce calls and bytes this process has sent through sum_ so far (a copy)."""
+    return dict(_TRAFFIC)
 
 
 def any_(mask: Tensor) -> Tensor:

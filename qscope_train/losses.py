@@ -1,8 +1,8 @@
 """Loss terms as pure functions of tensors: FVU, AuxK and the dead-latent selection AuxK trains.
 
-`reduce`, where taken, is an in-place all-reduce sum over data-parallel ranks (None for one process):
-with it, means and variances are those of the global batch, so the ranks' losses and gradients add up
-to the global ones.
+With several data-parallel ranks the trainer passes each FVU the variance of the global batch
+(sum_stats, added over ranks, then variance_from_stats), so the ranks' losses and gradients add up to
+the global ones; global_mean takes an in-place all-reduce sum for the same purpose.
 """
 
 from __future__ import annotations
@@ -24,43 +24,52 @@ def global_mean(x_BD: Tensor, reduce: Reduce = None) -> Tensor:
     return stats[:-1] / stats[-1]
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor, reduce: Reduce = None) -> Tensor:
+def fvu(x_BD: Tensor, x_hat_BD: Tensor, var: Optional[Tensor] = None) -> Tensor:
     """Fraction of variance unexplained: sum (x - x_hat)^2 / sum (x - mean_B(x))^2.
 
-    x_BD, x_hat_BD: (B, d_model). Returns a scalar; 1.0 is what predicting the batch mean scores.
+    x_BD, x_hat_BD: (B, d_model). var: the denominator, precomputed (e.g. over every rank's rows, see
+    sum_stats); None: this batch's. Returns a scalar; 1.0 is what predicting the batch mean scores.
     """
     x_BD = x_BD.float()
     err = (x_BD - x_hat_BD.float()).pow(2).sum()
-    if reduce is None:
+    if var is None:
         var = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum()
-    else:
-        with torch.no_grad():
-            var = reduce((x_BD - global_mean(x_BD, reduce)).pow(2).sum())
     return err / var.clamp_min(1e-12)
 
 
 @torch.no_grad()
-def dead_topk(pre_BF: Tensor, dead_F: Tensor, k_aux: int, n_dead: int, relu: bool = False) -> Tensor:
-    """Indices (B, k_aux) of the k_aux largest pre-activations among the dead latents, per row.
+def sum_stats(x_BD: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """[sum of rows (D), sum of squared norms, row count] of x_BD (B, D), shape (D + 2,): what several
+    ranks add up (one all-reduce) to get the variance of their rows together (variance_from_stats)."""
+    x = x_BD.to(dtype)
+    return torch.cat([x.sum(0), x.pow(2).sum().reshape(1), torch.full((1,), x.shape[0], dtype=dtype, device=x.device)])
 
-    pre_BF: (B, d_sae) pre-activations; dead_F: (d_sae,) bool, n_dead of them True (k_aux <= n_dead);
-    relu: select on relu(pre), as a relu_topk encoder does.
+
+def variance_from_stats(stats: Tensor) -> Tensor:
+    """sum (x - mean)^2 over the rows that sum_stats summarised (added over ranks), as fp32."""
+    s1, s2, n = stats[:-2], stats[-2], stats[-1].clamp_min(1)
+    return (s2 - s1.pow(2).sum() / n).clamp_min(0).float()
+
+
+@torch.no_grad()
+def dead_topk(pre_BF: Tensor, dead_F: Tensor, k_aux: int, relu: bool = False) -> tuple[Tensor, Tensor]:
+    """The k_aux largest pre-activations among the dead latents, per row: (indices (B, k_aux), and
+    whether each pick is dead (B, k_aux) bool).
+
+    pre_BF: (B, d_sae) pre-activations; dead_F: (d_sae,) bool; relu: select on relu(pre), as a relu_topk
+    encoder does. Live latents are masked below every dead value, so with fewer than k_aux dead latents
+    the remaining picks are live ones, flagged False: the caller zeroes them. Nothing is read back to
+    the host (the number of dead latents stays on the device).
     """
     if relu:
         pre_BF = torch.relu(pre_BF)
-    d_sae = dead_F.shape[0]
-    if n_dead == d_sae:  # every latent dead: select straight from the pre-activations, no copy
-        return pre_BF.topk(k_aux, dim=-1, sorted=False).indices
-    if 4 * n_dead >= d_sae:
-        # many dead: masking live columns is one streaming pass; gathering the dead columns of a
-        # (B, d_sae) matrix is several times slower
-        low = -1.0 if relu else float("-inf")  # below every dead value
-        return pre_BF.masked_fill(~dead_F, low).topk(k_aux, dim=-1, sorted=False).indices
-    dead_idx = dead_F.nonzero().squeeze(1)
-    return dead_idx[pre_BF.index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False).indices]
+    low = -1.0 if relu else float("-inf")  # below every dead value
+    idx_BA = pre_BF.masked_fill(~dead_F, low).topk(min(k_aux, dead_F.shape[0]), dim=-1, sorted=False).indices
+    return idx_BA, dead_F[idx_BA]
 
 
-def auxk(x_BD: Tensor, x_hat_BD: Tensor, e_hat_BD: Tensor, reduce: Reduce = None) -> Tensor:
+def auxk(x_BD: Tensor, x_hat_BD: Tensor, e_hat_BD: Tensor, var: Optional[Tensor] = None) -> Tensor:
     """AuxK (Gao et al. 2024): FVU of e_hat_BD, the dead latents' reconstruction (no bias), against the
-    detached residual x - x_hat. All (B, d_model); returns a scalar."""
-    return fvu((x_BD - x_hat_BD).detach(), e_hat_BD, reduce)
+    detached residual x - x_hat. All (B, d_model); var: the residual's variance if precomputed (None:
+    this batch's). Returns a scalar."""
+    return fvu((x_BD - x_hat_BD).detach(), e_hat_BD, var)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .config import Objective, TrainerConfig
-from .losses import Reduce, fvu
+from .losses import fvu
 from .sae import ForwardOutput, LatentMajor, SparseCode, TopKSAE
 
 
@@ -40,24 +40,27 @@ def compute(
     x_BD: Tensor,
     cfg: TrainerConfig,
     k: int,
-    reduce: Reduce = None,
+    var: Optional[Tensor] = None,
     gemm_dtype: Optional[torch.dtype] = None,
 ) -> StepLoss:
-    """The training objective named by cfg.objective on rows x_BD (B, d_model)."""
+    """The training objective named by cfg.objective on rows x_BD (B, d_model); var: the variance every
+    FVU divides by (the global batch's under data parallel; None: this batch's)."""
     x_BD = x_BD.float()
     if cfg.objective is Objective.multi_topk:
-        return multi_topk(sae, x_BD, k, cfg.multi_topk_factor, cfg.multi_topk_coef, reduce, gemm_dtype)
+        return multi_topk(sae, x_BD, k, cfg.multi_topk_factor, cfg.multi_topk_coef, var, gemm_dtype)
     out = sae(x_BD, gemm_dtype=gemm_dtype, k=k)
-    main = fvu(x_BD, out.x_hat_BD, reduce)
+    if var is None:
+        var = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum()  # once, for every term
+    main = fvu(x_BD, out.x_hat_BD, var)
     if cfg.objective is Objective.matryoshka:
         return StepLoss(
-            out, matryoshka(sae, x_BD, out, prefix_sizes(sae.d_sae, cfg.matryoshka_prefixes), main, reduce), main
+            out, matryoshka(sae, x_BD, out, prefix_sizes(sae.d_sae, cfg.matryoshka_prefixes), main, var), main
         )
     return StepLoss(out, main, main)
 
 
 def multi_topk(
-    sae: TopKSAE, x_BD: Tensor, k: int, factor: int, coef: float, reduce: Reduce, gemm_dtype=None
+    sae: TopKSAE, x_BD: Tensor, k: int, factor: int, coef: float, var: Optional[Tensor] = None, gemm_dtype=None
 ) -> StepLoss:
     """FVU(top-k) + coef * FVU(top-(factor*k)); one encoder pass, one sparse backward through both."""
     pre_BF = sae.dense_pre(x_BD, gemm_dtype)
@@ -68,12 +71,14 @@ def multi_topk(
         pos_BK = wide.code.vals_BK.topk(k, dim=-1, sorted=False).indices
     code = SparseCode(wide.code.vals_BK.gather(-1, pos_BK), idx_BM.gather(-1, pos_BK))
     out = ForwardOutput(sae.decode_sparse(code), code, pre_BF)
-    main = fvu(x_BD, out.x_hat_BD, reduce)
-    return StepLoss(out, main + coef * fvu(x_BD, wide.x_hat_BD, reduce), main)
+    if var is None:
+        var = (x_BD - x_BD.mean(0, keepdim=True)).pow(2).sum()
+    main = fvu(x_BD, out.x_hat_BD, var)
+    return StepLoss(out, main + coef * fvu(x_BD, wide.x_hat_BD, var), main)
 
 
 def matryoshka(
-    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, sizes: list[int], full: Tensor, reduce: Reduce
+    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, sizes: list[int], full: Tensor, var: Optional[Tensor] = None
 ) -> Tensor:
     """Mean over the prefix sizes of the FVU when only latents below that size decode; `full` is the
     FVU of the whole code (the last prefix), already computed."""
@@ -83,5 +88,5 @@ def matryoshka(
     for m in sizes[:-1]:
         keep_BK = (idx_BK < m).to(vals_BK.dtype)
         x_hat_BD = sae.decode_sparse(SparseCode(vals_BK * keep_BK, idx_BK), pairs=pairs)
-        losses.append(fvu(x_BD, x_hat_BD, reduce))
+        losses.append(fvu(x_BD, x_hat_BD, var))
     return torch.stack(losses).mean()

@@ -28,8 +28,10 @@ class SparseCode(NamedTuple):
     idx_BK: Tensor
 
     def fire_counts(self, d_sae: int) -> Tensor:
-        """Rows on which each latent fired (value non-zero; a ReLU can zero a selected latent), (d_sae,)."""
-        return torch.bincount(self.idx_BK[self.vals_BK != 0], minlength=d_sae)
+        """Rows on which each latent fired (value non-zero; a ReLU can zero a selected latent), (d_sae,) int64.
+        A scatter-add, so nothing is read back to the host (bincount and boolean indexing would)."""
+        fired = (self.vals_BK != 0).reshape(-1).long()
+        return torch.zeros(d_sae, dtype=torch.long, device=fired.device).index_add_(0, self.idx_BK.reshape(-1), fired)
 
 
 class ForwardOutput(NamedTuple):
@@ -57,10 +59,12 @@ class LatentMajor:
         if self._built is None:
             flat = self.idx_BM.reshape(-1)
             order = flat.argsort()
-            offsets = torch.zeros(self.n_latents, dtype=torch.int64, device=flat.device)
-            offsets[1:] = torch.bincount(flat, minlength=self.n_latents).cumsum(0)[:-1]
+            latents = flat[order]
+            # where each latent's run starts in the sorted pairs (searchsorted, unlike bincount, needs no
+            # read-back of the largest index on a GPU)
+            offsets = torch.searchsorted(latents, torch.arange(self.n_latents, device=flat.device))
             rows = torch.div(order, self.idx_BM.shape[-1], rounding_mode="floor")
-            self._built = (order, rows, flat[order], offsets)
+            self._built = (order, rows, latents, offsets)
         return self._built
 
     def weighted_rows(self, w_BM: Tensor, y_BD: Tensor) -> Tensor:
@@ -303,14 +307,17 @@ class TopKSAE(nn.Module):
             vals = _GatherPre.apply(x_BD, self.W_enc, self.b_enc, None, pre_BF, pairs)
         return F.relu(vals) if self.activation is Activation.relu_topk else vals
 
-    def decode_selected(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor) -> Tensor:
-        """Reconstruction without b_dec from the latents idx_BM (B, M), valued from pre_BF (B, d_sae); the
-        gradients reach only those latents' W_enc, b_enc and decoder rows, through the sparse backward
-        (AuxK's term). b_dec gets none even when the encoder reads x - b_dec: AuxK is there to move dead
-        latents, and its gradient on the shared bias (normalised by the small residual's variance) cost
-        reconstruction on real activations (docs/BENCHMARKS.md, tiny Qwen3)."""
+    def decode_selected(self, x_BD: Tensor, pre_BF: Tensor, idx_BM: Tensor, keep_BM: Optional[Tensor] = None) -> Tensor:
+        """Reconstruction without b_dec from the latents idx_BM (B, M), valued from pre_BF (B, d_sae), where
+        keep_BM (bool, B x M) is True if given; the gradients reach only those latents' W_enc, b_enc and
+        decoder rows, through the sparse backward (AuxK's term). b_dec gets none even when the encoder
+        reads x - b_dec: AuxK is there to move dead latents, and its gradient on the shared bias
+        (normalised by the small residual's variance) cost reconstruction on real activations
+        (docs/BENCHMARKS.md, tiny Qwen3)."""
         pairs = LatentMajor(idx_BM, self.d_sae)
         vals_BM = self.code_with_grad(x_BD, pre_BF, pairs, b_dec_grad=False)
+        if keep_BM is not None:
+            vals_BM = vals_BM * keep_BM.to(vals_BM.dtype)
         return self.decode_sparse(SparseCode(vals_BM, idx_BM), bias=False, pairs=pairs)
 
     @torch.no_grad()

@@ -1,14 +1,17 @@
 """Spliced next-token loss: replace layer n's output by an SAE's reconstruction (or by zeros) and compare
 the next-token cross-entropy and the KL divergence with the clean run.
 
-For every batch of held-out sequences the clean forward runs once and is shared by all layers and
-all SAE sets; each layer then costs one zero-ablated forward plus one spliced forward per set.
+Memory stays bounded at any vocabulary: the forwards stop at the final norm (the model's own head runs on
+one position), and the head, the log-softmax and the KL run over chunks of HEAD_CHUNK scored positions,
+so no (tokens x vocab) matrix exists. One SAE set is on the device at a time: each set is a pass over the
+held-out batches with a clean forward per batch (the first pass also runs the zero ablations); each
+layer costs one spliced forward per set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -21,6 +24,7 @@ from .data.tokens import batched
 from .lm import LoadedLM
 from .sae import TopKSAE
 
+HEAD_CHUNK = 1024  # scored positions per head GEMM: a (HEAD_CHUNK, vocab) fp32 block and its temporaries
 Replace = Callable[[Tensor], Tensor]  # (B, T, d_model) layer output -> its stand-in, same shape and dtype
 
 
@@ -73,6 +77,35 @@ def logits(
         return lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False).logits
 
 
+def final_norm(lm: LoadedLM) -> nn.Module:
+    """The text decoder's final norm: the `norm` beside the decoder layer list, wherever the class keeps it."""
+    for module in lm.model.modules():
+        if getattr(module, "layers", None) is lm.layers and isinstance(getattr(module, "norm", None), nn.Module):
+            return module.norm
+    raise RuntimeError(f"no final norm beside the decoder layers in {type(lm.model).__name__}")
+
+
+@torch.no_grad()
+def final_hidden(
+    lm: LoadedLM,
+    ids_BT: Tensor,
+    attn_BT: Tensor,
+    layer: Optional[int] = None,
+    replace: Optional[Replace] = None,
+    mask_BT: Optional[Tensor] = None,
+) -> Tensor:
+    """What the LM head reads (B, T, d_model): the final norm's output, with layer's output spliced when
+    layer and replace are given. The model's head runs on the last position only."""
+    seen = {}
+    handle = final_norm(lm).register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", out))
+    try:
+        with splice(lm.layers[layer], replace, mask_BT) if layer is not None else nullcontext():
+            lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
 class _Sums:
     """Running sums of next-token CE and KL(clean || run) over scored positions, in float64."""
 
@@ -80,17 +113,19 @@ class _Sums:
         self.ce = self.kl = 0.0
         self.n = 0
 
-    def add(self, logp_BTV: Tensor, clean_BTV: Optional[Tensor], target_BT: Tensor, valid_BT: Tensor) -> None:
-        ce_BT = -logp_BTV.gather(-1, target_BT.unsqueeze(-1)).squeeze(-1)
-        self.ce += float(ce_BT[valid_BT].double().sum())
-        if clean_BTV is not None:
-            kl_BT = (clean_BTV.exp() * (clean_BTV - logp_BTV)).sum(-1)
-            self.kl += float(kl_BT[valid_BT].double().sum())
-        self.n += int(valid_BT.sum())
-
-
-def _next_token_logp(logits_BTV: Tensor) -> Tensor:
-    return F.log_softmax(logits_BTV[:, :-1].float(), dim=-1)
+    @torch.no_grad()
+    def add(self, head: nn.Module, h_ND: Tensor, clean_ND: Optional[Tensor], target_N: Tensor) -> None:
+        """h_ND, clean_ND: final hidden states at the N scored positions; target_N: the next tokens."""
+        ce = kl = 0.0
+        for i in range(0, h_ND.shape[0], HEAD_CHUNK):
+            logp_CV = F.log_softmax(head(h_ND[i : i + HEAD_CHUNK]).float(), dim=-1)
+            ce -= float(logp_CV.gather(-1, target_N[i : i + HEAD_CHUNK, None]).double().sum())
+            if clean_ND is not None:
+                clean_CV = F.log_softmax(head(clean_ND[i : i + HEAD_CHUNK]).float(), dim=-1)
+                kl += float(F.kl_div(logp_CV, clean_CV, reduction="sum", log_target=True).double())
+                del clean_CV
+            del logp_CV
+        self.ce, self.kl, self.n = self.ce + ce, self.kl + kl, self.n + h_ND.shape[0]
 
 
 def downstream_metrics(
@@ -108,35 +143,42 @@ def downstream_metrics(
     The splice covers every position the training filters keep (not position 0, padding or special
     tokens, which the SAE never saw) unless splice_filtered; zero ablation covers the same positions.
     ce_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean): 1 is the clean model, 0 no better than zeros.
+    The SAEs are moved to `device` one set at a time and back to where they were after.
     """
     layers = sorted({n for saes in sets.values() for n in saes})
+    head = lm.model.get_output_embeddings()
     clean, zero = _Sums(), {n: _Sums() for n in layers}
     spliced = {name: {n: _Sums() for n in saes} for name, saes in sets.items()}
-    replaces = {name: {n: sae_replace(sae.to(device).eval()) for n, sae in saes.items()} for name, saes in sets.items()}
-    n_forwards = 1 + sum(1 + sum(n in saes for saes in sets.values()) for n in layers)
     n_batches = -(-len(seqs) // batch_sequences)
+    n_forwards = len(sets) + len(layers) + sum(len(saes) for saes in sets.values())
     bar = progress(total=n_batches * n_forwards, desc="spliced loss", unit="fwd") if progress else None
-    for ids_BT, attn_BT in batched(seqs, batch_sequences):
-        ids_BT, attn_BT = ids_BT.to(device), attn_BT.to(device)
-        mask_BT = None if splice_filtered else filt.token_mask(ids_BT, attn_BT)[0]
-        target_BT, valid_BT = ids_BT[:, 1:], attn_BT[:, 1:] & attn_BT[:, :-1]
-        clean_logp = _next_token_logp(logits(lm, ids_BT, attn_BT))
-        clean.add(clean_logp, None, target_BT, valid_BT)
-        for n in layers:
-            runs = [(zero[n], zero_replace)] + [
-                (spliced[name][n], replaces[name][n]) for name in sets if n in replaces[name]
-            ]
-            for sums, replace in runs:
-                logp = _next_token_logp(logits(lm, ids_BT, attn_BT, n, replace, mask_BT))
-                sums.add(logp, clean_logp, target_BT, valid_BT)
-                del logp
+    for p, (name, saes) in enumerate(sets.items()):
+        homes = {n: sae.W_enc.device for n, sae in saes.items()}
+        replaces = {n: sae_replace(sae.to(device).eval()) for n, sae in saes.items()}
+        for ids_BT, attn_BT in batched(seqs, batch_sequences):
+            ids_BT, attn_BT = ids_BT.to(device), attn_BT.to(device)
+            mask_BT = None if splice_filtered else filt.token_mask(ids_BT, attn_BT)[0]
+            scored = (attn_BT[:, 1:] & attn_BT[:, :-1]).reshape(-1)
+            target_N = ids_BT[:, 1:].reshape(-1)[scored]
+            clean_ND = _at(final_hidden(lm, ids_BT, attn_BT), scored)
+            runs = [(spliced[name][n], n, replaces[n]) for n in saes]
+            if p == 0:  # the clean loss and the zero ablations once, in the first set's pass
+                clean.add(head, clean_ND, None, target_N)
+                runs = [(zero[n], n, zero_replace) for n in layers] + runs
+            for sums, n, replace in runs:
+                sums.add(head, _at(final_hidden(lm, ids_BT, attn_BT, n, replace, mask_BT), scored), clean_ND, target_N)
             if bar is not None:
-                bar.update(len(runs))
-        if bar is not None:
-            bar.update(1)
+                bar.update(1 + len(runs))
+        for n, sae in saes.items():
+            sae.to(homes[n])
     if bar is not None:
         bar.close()
     return {name: {n: _layer_result(clean, zero[n], s) for n, s in per.items()} for name, per in spliced.items()}
+
+
+def _at(h_BTD: Tensor, scored: Tensor) -> Tensor:
+    """The rows of h_BTD (B, T, D) at the scored positions (each predicting the next token), (N, D)."""
+    return h_BTD[:, :-1].reshape(-1, h_BTD.shape[-1])[scored]
 
 
 def _layer_result(clean: _Sums, zero: _Sums, spliced: _Sums) -> dict:

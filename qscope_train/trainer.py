@@ -1,7 +1,9 @@
 """The training loop: one TopK SAE per layer, all fed from the same stream of per-layer batches.
 
 Per step and layer: forward, FVU loss, backward, drop the gradient parallel to each decoder column,
-optimizer step (optim.py), renormalise decoder columns, update the tokens-since-fired counters.
+optimizer step (optim.py), renormalise decoder columns, update the tokens-since-fired counters. A step
+reads nothing back to the host (metrics stay on the device until a log step), so a GPU never waits on
+the Python thread; batches arrive prefetched (data/prefetch.py).
 """
 
 from __future__ import annotations
@@ -10,18 +12,18 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import distributed, objectives
-from .config import Activation, DecoderInit, TrainerConfig, fingerprint_diff
+from .checkpoints import Checkpoints, restore, state_payload
+from .config import Activation, DecoderInit, TrainerConfig
 from .data.batches import BatchSource
-from .errors import InputError, QScopeError
-from .fsutil import atomic_torch_save, atomic_write_json
-from .losses import auxk, dead_topk, global_mean
+from .data.prefetch import Item, Prefetched, to_device
+from .errors import QScopeError
+from .losses import auxk, dead_topk, global_mean, sum_stats, variance_from_stats
 from .optim import averaged_weight, build, use_averaged_weights_
 from .sae import ForwardOutput, TopKSAE
 
@@ -54,20 +56,29 @@ class LayerState:
     sched: torch.optim.lr_scheduler.LambdaLR
     since_fired_F: Tensor  # tokens since each latent last fired
     tokens: int = 0
-    fvu_ema: Optional[float] = None
+    # the rest stays on the device and is read only on log and checkpoint steps
+    fvu_ema: Optional[Tensor] = None
+    resid_var: Optional[Tensor] = None  # the last step's residual variance: AuxK's divisor (see _backward)
+    last: Optional[Tensor] = None  # the last step's [fvu, auxk, l0]
+    first_bad: Optional[Tensor] = None  # [step, loss] of the first non-finite loss; step -1 while none
+    lr: float = 0.0  # the rate the last step used
 
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
     """The loss became NaN or inf."""
 
 
-def auxk_loss(sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, reduce=None) -> Tensor:
+def auxk_loss(
+    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, var: Optional[Tensor] = None
+) -> Tensor:
     """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
-    (losses.auxk); the gradient reaches only the dead rows of W_dec, W_enc and b_enc (never b_dec)."""
-    n_dead = int(dead_F.sum())
+    (losses.auxk, divided by `var`, or by this batch's residual variance); the gradient reaches only the
+    dead rows of W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read
+    back to the host to find that out."""
     relu = sae.activation is Activation.relu_topk
-    idx_BA = dead_topk(out.pre_BF, dead_F, min(k_aux, n_dead), n_dead, relu)
-    return auxk(x_BD, out.x_hat_BD, sae.decode_selected(x_BD, out.pre_BF, idx_BA), reduce)
+    idx_BA, dead_BA = dead_topk(out.pre_BF, dead_F, k_aux, relu)
+    e_hat_BD = sae.decode_selected(x_BD, out.pre_BF, idx_BA, dead_BA)
+    return auxk(x_BD, out.x_hat_BD, e_hat_BD, var) * dead_F.any()
 
 
 def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
@@ -77,47 +88,131 @@ def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
     return round(cfg.k_start + (k - cfg.k_start) * step / cfg.k_anneal_steps)
 
 
-def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 0) -> dict[str, float]:
-    """One optimizer step on this rank's rows; with several ranks, on the global batch (data parallel).
-    cfg is resolved (TrainerConfig.resolved: no None left that depends on the run)."""
+# a step's statistics per layer, added over ranks: [fvu, auxk, non-zero codes, residual sum of squares,
+# residual row sum (d_model)]
+FVU, AUXK, NONZERO, RESID_SQ, RESID_SUM = 0, 1, 2, 3, 4
+
+
+def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, var, fired_F, stats) -> None:
+    """Forward, loss and backward for one layer (its gradients accumulate into the parameters' .grad);
+    adds the rows each latent fired on to fired_F (d_sae,) and this rank's statistics to stats.
+
+    AuxK divides by the residual variance of the previous step (resid_var): with data parallel that is
+    the global batch's without a third collective, and one step's lag does not change its scale."""
     sae = state.sae
-    x_BD = x_BD.float()
-    reduce = distributed.sum_ if distributed.active() else None
-    out, loss, main = objectives.compute(sae, x_BD, cfg, k_at(step, sae.k, cfg), reduce, cfg.encoder_dtype.torch)
+    out, loss, main = objectives.compute(sae, x_BD, cfg, k_at(step, sae.k, cfg), var, cfg.encoder_dtype.torch)
     aux = None
-    dead_F = state.since_fired_F >= cfg.dead_after_tokens  # identical on every rank
-    if cfg.auxk_coef > 0 and bool(dead_F.any()):
-        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, reduce)
-        loss = main + cfg.auxk_coef * aux
-    total = distributed.sum_(loss.detach().clone())
-    if not torch.isfinite(total):
-        raise NonFiniteLossError(f"loss is {total.item()}")
-    state.opt.zero_grad(set_to_none=True)
+    # no latent can be dead before dead_after_tokens tokens: a host-side test, unlike dead_F.any()
+    if cfg.auxk_coef > 0 and state.resid_var is not None and state.tokens >= cfg.dead_after_tokens:
+        dead_F = state.since_fired_F >= cfg.dead_after_tokens
+        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, state.resid_var)
+        loss = loss + cfg.auxk_coef * aux
     loss.backward()
-    if reduce is not None:
-        for p in sae.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            distributed.sum_(p.grad)
+    with torch.no_grad():
+        vals_BK, idx_BK = out.code
+        fired_F.index_add_(0, idx_BK.reshape(-1), (vals_BK != 0).reshape(-1).to(fired_F.dtype))
+        e_BD = x_BD - out.x_hat_BD
+        stats[FVU] += main.detach()
+        if aux is not None:
+            stats[AUXK] += aux.detach()
+        stats[NONZERO] += (vals_BK != 0).sum()
+        stats[RESID_SQ] += e_BD.pow(2).sum()
+        stats[RESID_SUM:] += e_BD.sum(0)
+
+
+def _update(state: LayerState, cfg: TrainerConfig, step: int, rows: int, fired_F: Tensor, stats: Tensor) -> None:
+    """The optimizer step from the (summed) gradients, and the counters and metrics from the (summed)
+    fired counts and statistics of `rows` rows; all on the device."""
+    sae = state.sae
     if cfg.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
     sae.remove_parallel_grad_()
-    lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
+    state.lr = state.opt.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on below)
     state.opt.step()
     state.opt.zero_grad(set_to_none=True)  # free this layer's gradients before the next layer's step
     state.sched.step()
     sae.unit_norm_decoder_()
     with torch.no_grad():
-        fired_F = distributed.any_(out.code.fire_counts(sae.d_sae) > 0)
-        rows = x_BD.shape[0] * distributed.world()
         state.since_fired_F += rows
-        state.since_fired_F[fired_F] = 0
-        l0 = float((out.code.vals_BK != 0).sum(-1).float().mean())
+        state.since_fired_F.masked_fill_(fired_F > 0, 0)
+        main, loss = stats[FVU], stats[FVU] + stats[AUXK]
+        bad = ~torch.isfinite(loss) & (state.first_bad[0] < 0)
+        now = torch.stack([torch.full_like(loss, step), loss]).to(state.first_bad.dtype)
+        state.first_bad = torch.where(bad, now, state.first_bad)
+        state.fvu_ema = main.clone() if state.fvu_ema is None else state.fvu_ema * 0.9 + main * 0.1
+        state.last = torch.stack([main, stats[AUXK], stats[NONZERO] / rows])
+        state.resid_var = (stats[RESID_SQ] - stats[RESID_SUM:].pow(2).sum() / rows).clamp_min(0)
     state.tokens += rows
-    value = distributed.sum_(main.detach().clone()).item()
-    state.fvu_ema = value if state.fvu_ema is None else 0.9 * state.fvu_ema + 0.1 * value
-    aux_value = distributed.sum_(aux.detach().clone()).item() if aux is not None else 0.0
-    return {"fvu": value, "auxk": aux_value, "l0": l0, "lr": lr}
+
+
+def _stats_size(sae: TopKSAE) -> int:
+    return RESID_SUM + sae.d_model
+
+
+class FlatBuffer:
+    """Every layer's gradients, fired counts and step statistics as views of one fp32 buffer, so data
+    parallel adds them over ranks with a single all-reduce per step. It holds all layers' gradients at
+    once (2 x d_sae x d_model floats per layer); layer groups or layer sharding bound that."""
+
+    def __init__(self, states: dict[int, LayerState], device) -> None:
+        sizes = {
+            n: [p.numel() for p in s.sae.parameters()] + [s.sae.d_sae, _stats_size(s.sae)] for n, s in states.items()
+        }
+        self.buffer = torch.zeros(sum(sum(v) for v in sizes.values()), device=device)
+        self.views: dict[int, tuple[list[Tensor], Tensor, Tensor]] = {}
+        at = 0
+        for n, s in states.items():
+            parts = []
+            for size in sizes[n]:
+                parts.append(self.buffer[at : at + size])
+                at += size
+            params = list(s.sae.parameters())
+            grads = [v.view_as(p) for v, p in zip(parts[:-2], params, strict=True)]
+            self.views[n] = (grads, parts[-2], parts[-1])
+
+    def attach(self, n: int, sae: TopKSAE) -> None:
+        """Make the layer's .grad the buffer's views (the backward accumulates into them in place)."""
+        for p, g in zip(sae.parameters(), self.views[n][0], strict=True):
+            p.grad = g
+
+
+def train_steps(
+    states: dict[int, LayerState],
+    xs: dict[int, Tensor],
+    cfg: TrainerConfig,
+    step: int,
+    flat: Optional[FlatBuffer] = None,
+) -> None:
+    """One optimizer step for every layer on this rank's rows xs {layer: (B, d_model)}; nothing is read back
+    to the host. With several ranks (data parallel, `flat` given) it is a step on the global batch, with
+    two all-reduces in all: the rows' sums and squares (each FVU's divisor), then `flat`. cfg is
+    resolved (TrainerConfig.resolved)."""
+    rows = next(iter(xs.values())).shape[0] * distributed.world()
+    if not distributed.active():
+        for n, state in states.items():
+            d_sae, x_BD = state.sae.d_sae, xs[n].float()
+            fired_F = torch.zeros(d_sae, device=x_BD.device)
+            stats = torch.zeros(_stats_size(state.sae), device=x_BD.device)
+            state.opt.zero_grad(set_to_none=True)
+            _backward(state, x_BD, cfg, step, None, fired_F, stats)
+            _update(state, cfg, step, rows, fired_F, stats)
+        return
+    assert flat is not None, "data parallel needs the FlatBuffer"
+    x_stats = distributed.sum_(torch.stack([sum_stats(xs[n].float()) for n in states]))
+    flat.buffer.zero_()
+    for i, (n, state) in enumerate(states.items()):
+        flat.attach(n, state.sae)
+        _, fired_F, stats = flat.views[n]
+        _backward(state, xs[n].float(), cfg, step, variance_from_stats(x_stats[i]), fired_F, stats)
+    distributed.sum_(flat.buffer)
+    for n, state in states.items():
+        _, fired_F, stats = flat.views[n]
+        _update(state, cfg, step, rows, fired_F, stats)
+
+
+def train_step(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int = 0) -> None:
+    """train_steps for one layer (benchmarks and tests); its metrics are in state.last."""
+    train_steps({0: state}, {0: x_BD}, cfg, step)
 
 
 def exported_copy(state: LayerState) -> TopKSAE:
@@ -137,88 +232,28 @@ def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.
     cfg = cfg.resolved(total_steps)
     sae.to(device)
     opt, sched = build(list(sae.parameters()), cfg, sae.d_sae, total_steps)
-    return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device))
-
-
-class Checkpoints:
-    """Atomic step-<n>.pt files in one directory, the last `keep` kept, refused if the settings differ."""
-
-    def __init__(self, directory: Path, every: int, keep: int, fingerprint: dict) -> None:
-        self.dir, self.every, self.keep, self.fingerprint = Path(directory), every, keep, fingerprint
-
-    def _files(self) -> list[Path]:
-        return sorted(self.dir.glob("step-*.pt"))
-
-    def latest(self) -> Optional[dict]:
-        files = self._files()
-        if not files:
-            return None
-        ckpt = torch.load(files[-1], map_location="cpu", weights_only=True, mmap=True)
-        if ckpt["fingerprint"] != self.fingerprint:
-            raise InputError(
-                f"{files[-1]} was written by a run with other settings; delete {self.dir} to start over "
-                f"(differs: {fingerprint_diff(ckpt['fingerprint'], self.fingerprint)})"
-            )
-        return ckpt
-
-    def save(self, step: int, payload: dict) -> Path:
-        payload = {"fingerprint": self.fingerprint, "step": step, **payload}
-        path = atomic_torch_save(self.dir / f"step-{step:09d}.pt", payload)
-        atomic_write_json(self.dir / "latest.json", {"step": step, "file": path.name})
-        for old in self._files()[: -self.keep]:
-            old.unlink()
-        return path
-
-
-def _state_payload(states: dict[int, LayerState], reader: BatchSource) -> dict:
-    layers = {
-        str(n): {
-            "sae": s.sae.state_dict(),
-            "opt": s.opt.state_dict(),
-            "sched": s.sched.state_dict(),
-            "since_fired": s.since_fired_F.cpu(),
-            "tokens": s.tokens,
-            "fvu_ema": s.fvu_ema,
-        }
-        for n, s in states.items()
-    }
-    return {"layers": layers, "readers": distributed.gather(reader.state_dict())}  # one per rank, in rank order
-
-
-def _restore(states: dict[int, LayerState], reader: BatchSource, ckpt: dict) -> None:
-    for n, s in states.items():
-        saved = ckpt["layers"][str(n)]
-        s.sae.load_state_dict(saved["sae"])
-        s.opt.load_state_dict(saved["opt"])
-        s.sched.load_state_dict(saved["sched"])
-        s.since_fired_F.copy_(saved["since_fired"])
-        s.tokens, s.fvu_ema = saved["tokens"], saved["fvu_ema"]
-    readers = ckpt["readers"]
-    if len(readers) != distributed.world():
-        raise InputError(f"the checkpoint was written by {len(readers)} processes, this run has {distributed.world()}")
-    if readers[distributed.rank()] is not None:
-        reader.load_state_dict(readers[distributed.rank()])
-    else:
-        print("resume: this activation source cannot seek, so its stream starts again from the beginning")
+    first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
+    return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device), first_bad=first_bad)
 
 
 @torch.no_grad()
-def _init_from_rows(states: dict[int, LayerState], peeked: list, it, cfg: TrainerConfig, device) -> list:
+def _init_from_rows(states: dict[int, LayerState], peeked: list[Item], it, cfg: TrainerConfig, device) -> list[Item]:
     """decoder_init=data: each decoder direction starts as a distinct training row minus b_dec, normalised
-    (the encoder as encoder_init_norm times it), drawn from the first global batches (every rank's rows in
-    rank order, so any number of processes starts alike). Returns the batches read, which training then
-    starts with."""
+    (the encoder as its transpose, scaled by _fit_encoder_scale_), drawn from the first global batches
+    (every rank's rows in rank order, so any number of processes starts alike). Returns the (batch,
+    position) items read, which training then starts with."""
     first = next(iter(states))
     d_sae = states[first].sae.d_sae
-    while sum(b[first].shape[0] for b in peeked) * distributed.world() < d_sae:
+    while sum(b[first].shape[0] for b, _ in peeked) * distributed.world() < d_sae:
         try:
             peeked.append(next(it))
         except StopIteration:
             break
+    batches = [b for b, _ in peeked]
     for n, state in states.items():
         sae = state.sae
         g = torch.Generator().manual_seed(cfg.seed * 65_537 + n)  # per layer: whichever layers train beside it
-        rows = torch.cat([distributed.cat(b[n].to(device).float()) for b in peeked]) - sae.b_dec
+        rows = torch.cat([distributed.cat(b[n].to(device).float()) for b in batches]) - sae.b_dec
         rows = rows[torch.isfinite(rows).all(1) & (rows.norm(dim=1) > 0)]  # a bad row fails at its own step
         pick = torch.randperm(rows.shape[0], generator=g)[:d_sae].to(device)
         dirs_FD = torch.nn.functional.normalize(rows[pick], dim=-1)
@@ -265,12 +300,16 @@ def fit(
 ) -> dict[int, dict]:
     """Train every SAE for total_steps steps, resuming from the latest checkpoint if there is one.
 
-    `batches` is iterated once; its state_dict() (the position; None if it cannot seek) is checkpointed.
-    `probe(step, saes)`, if given, is called whenever metrics are logged, with copies of the SAEs at the
-    weights the run would export at that point (exported_copy). Returns a per-layer summary (tokens,
-    final FVU, dead fraction); the SAEs are left at their exported weights, in the release's form.
+    `batches` is iterated once, cfg.prefetch_batches ahead on a background thread; the position after
+    each trained batch (its state_dict(); None if it cannot seek) is what a checkpoint records. Metrics
+    are read from the device only on log steps, where a non-finite loss also stops the run (and before
+    every checkpoint, so none holds one). `probe(step, saes)`, if given, is called on log steps with
+    copies of the SAEs at the weights the run would export then (exported_copy). Returns a per-layer
+    summary (tokens, final FVU, dead fraction); the SAEs are left at their exported weights, in the
+    release's form.
     """
     cfg = cfg.resolved(total_steps)
+    device = torch.device(device)
     states = {n: new_state(sae, cfg, total_steps, device) for n, sae in saes.items()}
     if cfg.center_input:
         for s in states.values():
@@ -278,55 +317,91 @@ def fit(
     ckpt = checkpoints.latest() if checkpoints else None
     start = 0
     if ckpt is not None:
-        _restore(states, batches, ckpt)
+        restore(states, batches, ckpt)
         start = ckpt["step"] + 1
         print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
-    it = iter(batches)
-    n_peeked = 0  # batches read ahead for initialisation: the reader's position runs ahead until trained
-    if ckpt is None and init_b_dec:
-        peeked = [next(it)]
-        with torch.no_grad():
-            for n, state in states.items():
-                state.sae.b_dec.copy_(global_mean(peeked[0][n].to(device).float(), distributed.sum_))
-        if cfg.decoder_init is DecoderInit.data:
-            peeked = _init_from_rows(states, peeked, it, cfg, device)
-        n_peeked = len(peeked)
-        it = itertools.chain(peeked, it)
-
-    with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
-        for step, batch in zip(range(start, total_steps), it, strict=False):
-            metrics = {}
-            for n, state in states.items():
-                try:
-                    m = train_step(state, batch[n].to(device, non_blocking=True), cfg, step)
-                except NonFiniteLossError as e:
-                    kept = f"; the last good checkpoint is in {checkpoints.dir}" if checkpoints else ""
-                    raise NonFiniteLossError(
-                        f"layer {n}, step {step}: {e}; stopping (check the activations and lr){kept}"
-                    ) from None
-                m["dead_frac"] = float((state.since_fired_F >= cfg.dead_after_tokens).float().mean())
-                metrics[n] = m
-            if step % cfg.log_every == 0 or step == total_steps - 1:
-                log(step, metrics)
-                if probe is not None:
-                    probe(step, {n: exported_copy(s) for n, s in states.items()})
-                worst = max(metrics.values(), key=lambda m: m["fvu"])
-                bar.set_postfix(fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}")
-            due = checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0
-            if due and n_peeked <= step + 1 < total_steps:  # never while read-ahead batches wait untrained
-                payload = _state_payload(states, batches)
-                if distributed.rank() == 0:
-                    checkpoints.save(step, payload)
-            bar.update(1)
+    flat = FlatBuffer(states, device) if distributed.active() else None
+    traffic_before, first_step = distributed.traffic(), None
+    with Prefetched(batches, cfg.prefetch_batches, pin=device.type == "cuda") as source:
+        it = iter(source)
+        if ckpt is None and init_b_dec:
+            it = _initialise(states, it, cfg, device)
+        with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
+            for step, (batch, position) in zip(range(start, total_steps), it, strict=False):
+                if first_step is None:  # the initialisation's collectives are not the steps'
+                    traffic_before, first_step = distributed.traffic(), step
+                train_steps(states, to_device(batch, device), cfg, step, flat)
+                if step % cfg.log_every == 0 or step == total_steps - 1:
+                    _check_finite(states, checkpoints)
+                    metrics = _read_metrics(states, cfg)
+                    log(step, metrics)
+                    if probe is not None:
+                        probe(step, {n: exported_copy(s) for n, s in states.items()})
+                    worst = max(metrics.values(), key=lambda m: m["fvu"])
+                    bar.set_postfix(
+                        fvu=f"{worst['fvu']:.3f}", dead=f"{worst['dead_frac']:.1%}", lr=f"{worst['lr']:.1e}"
+                    )
+                if checkpoints and checkpoints.every and (step + 1) % checkpoints.every == 0 and step + 1 < total_steps:
+                    _check_finite(states, checkpoints)
+                    payload = state_payload(states, position)
+                    if distributed.rank() == 0:
+                        checkpoints.save(step, payload)
+                bar.update(1)
+    _check_finite(states, checkpoints)
     for s in states.values():
         use_averaged_weights_(s.opt)
         s.sae.center_input_(False)
+    traffic = _per_step(
+        traffic_before, distributed.traffic(), total_steps - (total_steps if first_step is None else first_step)
+    )
+    if distributed.active() and distributed.rank() == 0:
+        print(
+            f"fit: data parallel over {distributed.world()} processes, {traffic['all_reduce_calls']:g} all-reduce "
+            f"calls and {traffic['all_reduce_bytes'] / 2**20:,.1f} MiB per step"
+        )
     return {
         n: {
             "tokens_trained": s.tokens,
             "steps": total_steps,
-            "train_fvu_ema": s.fvu_ema,
+            "train_fvu_ema": None if s.fvu_ema is None else float(s.fvu_ema),
             "dead_frac": float((s.since_fired_F >= cfg.dead_after_tokens).float().mean()),
+            **{f"{key}_per_step": value for key, value in traffic.items()},
         }
         for n, s in states.items()
     }
+
+
+def _per_step(before: dict[str, int], after: dict[str, int], steps: int) -> dict[str, float]:
+    return {key: (after[key] - before[key]) / max(steps, 1) for key in after}
+
+
+def _initialise(states: dict[int, LayerState], it, cfg: TrainerConfig, device):
+    """Fresh runs: b_dec at the first global batch's mean and, with decoder_init=data, the decoder from
+    the first batches' rows; returns the iterator of items with those batches put back in front."""
+    peeked = [next(it)]
+    with torch.no_grad():
+        for n, state in states.items():
+            state.sae.b_dec.copy_(global_mean(peeked[0][0][n].to(device).float(), distributed.sum_))
+    if cfg.decoder_init is DecoderInit.data:
+        peeked = _init_from_rows(states, peeked, it, cfg, device)
+    return itertools.chain(peeked, it)
+
+
+def _read_metrics(states: dict[int, LayerState], cfg: TrainerConfig) -> dict[int, dict]:
+    """The last step's metrics of every layer, read from the device at once."""
+    dead = torch.stack([(s.since_fired_F >= cfg.dead_after_tokens).float().mean() for s in states.values()])
+    last = torch.stack([s.last for s in states.values()])
+    rows = torch.cat([last, dead[:, None]], 1).tolist()
+    keys = ("fvu", "auxk", "l0", "dead_frac")
+    return {n: {**dict(zip(keys, r, strict=True)), "lr": s.lr} for (n, s), r in zip(states.items(), rows, strict=True)}
+
+
+def _check_finite(states: dict[int, LayerState], checkpoints: Optional[Checkpoints]) -> None:
+    """Raise NonFiniteLossError naming the layer and step of the first non-finite loss, if any."""
+    bad = torch.stack([s.first_bad for s in states.values()]).tolist()
+    for n, (step, loss) in zip(states, bad, strict=True):
+        if step >= 0:
+            kept = f"; the last good checkpoint is in {checkpoints.dir}" if checkpoints else ""
+            raise NonFiniteLossError(
+                f"layer {n}, step {int(step)}: loss is {loss}; stopping (check the activations and lr){kept}"
+            )

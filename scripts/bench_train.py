@@ -6,7 +6,12 @@ gradient parallel to the decoder directions, Adam, learning-rate schedule, decod
 dead-latent counters. The floor, timed in the same process right after each step on the same batch,
 is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
+On CUDA (--device cuda) the step reads nothing back, so steps are timed together (the GPU synchronised
+once before and once after all of them) and the floor likewise; on a CPU each step is timed alone and
+the median is reported.
+
 Usage: python scripts/bench_train.py --d-model 1024 --d-sae 16384 --k 64 --batch 4096 [--auxk-all-dead]
+           [--device cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="encoder GEMM dtype")
     p.add_argument("--auxk-all-dead", action="store_true", help="every latent dead on every step (AuxK's worst case)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--default-malloc", action="store_true", help="leave glibc's allocator as it is (fit changes it on CPUs)"
@@ -45,11 +51,12 @@ def main() -> None:
         keep_freed_memory_on_cpu()  # what trainer.fit does on a CPU
     torch.manual_seed(a.seed)
     total = a.warmup + a.steps
-    batches = [torch.randn(a.batch, a.d_model) for _ in range(total)]
+    device = torch.device(a.device)
+    batches = [torch.randn(a.batch, a.d_model).to(device) for _ in range(total)]
     cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype)).resolved(10_000)
     sae = TopKSAE(a.d_model, a.d_sae, a.k)
-    sae.init_weights_(batches[0], generator=torch.Generator().manual_seed(a.seed))
-    state = new_state(sae, cfg, 10_000, "cpu")
+    sae.init_weights_(batches[0].cpu(), generator=torch.Generator().manual_seed(a.seed))
+    state = new_state(sae, cfg, 10_000, device)
 
     gemm_dtype = torch.float32 if a.dtype == "float32" else torch.bfloat16
 
@@ -61,19 +68,40 @@ def main() -> None:
             pre = (x.to(gemm_dtype) @ sae.W_enc.to(gemm_dtype).T).float() + sae.b_enc
         pre.topk(a.k, dim=-1, sorted=False)
 
-    # The floor is timed right after each step on the same batch, so that the machine's drift over a
-    # run (±15 % on a shared VM) moves both figures together.
-    times, floor, metrics = [], [], {}
-    for step, x in enumerate(batches):
+    def step_once(x: torch.Tensor) -> None:
         if a.auxk_all_dead:
             state.since_fired_F.fill_(cfg.dead_after_tokens)
+            state.tokens = max(state.tokens, cfg.dead_after_tokens)  # AuxK runs from the second step on
+        train_step(state, x, cfg)
+
+    times, floor = [], []
+    if device.type == "cuda":
+        for x in batches[: a.warmup]:
+            step_once(x)
+        sync = torch.cuda.synchronize
+        sync()
         t0 = time.perf_counter()
-        metrics = train_step(state, x, cfg)
+        for x in batches[a.warmup :]:
+            step_once(x)
+        sync()
         t1 = time.perf_counter()
-        floor_op(x)
-        if step >= a.warmup:
-            times.append(t1 - t0)
-            floor.append(time.perf_counter() - t1)
+        for x in batches[a.warmup :]:
+            floor_op(x)
+        sync()
+        times = [(t1 - t0) / a.steps] * a.steps
+        floor = [(time.perf_counter() - t1) / a.steps] * a.steps
+    else:
+        # The floor is timed right after each step on the same batch, so that the machine's drift over a
+        # run (±15 % on a shared VM) moves both figures together.
+        for step, x in enumerate(batches):
+            t0 = time.perf_counter()
+            step_once(x)
+            t1 = time.perf_counter()
+            floor_op(x)
+            if step >= a.warmup:
+                times.append(t1 - t0)
+                floor.append(time.perf_counter() - t1)
+    metrics = dict(zip(("fvu", "auxk", "l0"), state.last.tolist(), strict=True))
 
     step_s, floor_s = statistics.median(times), statistics.median(floor)
     print(
@@ -95,6 +123,7 @@ def main() -> None:
                     "dtype": a.dtype,
                     "auxk_all_dead": a.auxk_all_dead,
                     "threads": a.threads,
+                    "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                     "steps": a.steps,
                     "warmup": a.warmup,
                     "torch": torch.__version__,

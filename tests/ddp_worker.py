@@ -1,7 +1,8 @@
 """Trains one small SAE on fixed global batches, as one process or as one rank of several (gloo).
 
 Usage: python ddp_worker.py OUT   or   torchrun --nproc_per_node 2 ddp_worker.py OUT
-Rank r trains on rows [r*B/w, (r+1)*B/w) of every global batch; rank 0 saves the weights and logs.
+Rank r trains on rows [r*B/w, (r+1)*B/w) of every global batch; rank 0 saves the weights and logs, and
+the collectives each step called (counted at torch.distributed, whatever helper called them).
 """
 
 import os
@@ -10,11 +11,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+import qscope_train.trainer as trainer
 from qscope_train.config import TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
-from qscope_train.trainer import fit
 
 B, D, F, K, STEPS = 64, 16, 256, 8, 12  # F > B: the data init reads four global batches
 
@@ -38,13 +39,39 @@ def main(out: str) -> None:
     cfg = TrainerConfig(batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1)
     logs = []
     init = {name: t.clone() for name, t in sae.state_dict().items()}
-    fit({0: sae}, Unseekable(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
+    calls, marks = _count_collectives()
+    summary = trainer.fit({0: sae}, Unseekable(batches), cfg, STEPS, "cpu", lambda s, m: logs.append(m[0]), NullBar)
+    marks.append(len(calls))
+    per_step = [calls[a:b] for a, b in zip(marks, marks[1:], strict=False)]  # from one step's start to the next's
     if rank == 0:
-        torch.save({"state": sae.state_dict(), "init": init, "logs": logs}, out)
+        torch.save(
+            {"state": sae.state_dict(), "init": init, "logs": logs, "per_step": per_step, "summary": summary}, out
+        )
     if dist.is_initialized():
         # all ranks leave together: a rank tearing gloo down while rank 0 still saves can abort (SIGABRT)
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _count_collectives() -> tuple[list[str], list[int]]:
+    """Record every collective by name, and where each training step starts in that record."""
+    calls, marks = [], []
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "reduce_scatter_tensor", "barrier"):
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    original_step = trainer.train_steps
+
+    def step(*args, **kwargs):
+        marks.append(len(calls))
+        return original_step(*args, **kwargs)
+
+    trainer.train_steps = step
+    return calls, marks
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         assert a["dead_frac"] == b["dead_frac"]
     for name, want in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], want, rtol=1e-4, atol=1e-5, msg=name)
+    # every step (each one a log step here) called two all-reduces at most, and nothing else; the fit
+    # reports the same count and the bytes (all four parameters' gradients plus counters and statistics)
+    assert len(ddp["per_step"]) == len(single["logs"])
+    assert all(calls == ["all_reduce", "all_reduce"] for calls in ddp["per_step"]), ddp["per_step"]
+    assert all(calls == [] for calls in single["per_step"])
+    reported = ddp["summary"][0]
+    assert reported["all_reduce_calls_per_step"] == 2
+    params = sum(t.numel() for t in single["state"].values())
+    assert reported["all_reduce_bytes_per_step"] > 4 * params
     # and the optimizer really stepped: b_enc starts at zero and only the updates move it (the data
     # initialisation rewrites W_enc, W_dec and b_dec inside fit, and starts at a fit good enough that
     # 12 steps at this lr need not lower the FVU)

@@ -97,7 +97,7 @@ def test_the_next_layer_receives_the_reconstruction(setup):
     assert not torch.allclose(seen["h"], h1)
 
 
-def test_the_clean_forward_runs_once_per_batch_for_all_layers_and_sets(setup):
+def test_one_clean_forward_per_batch_and_set_and_one_forward_per_layer_and_run(setup):
     lm, data, seqs = setup
     calls = []
     handle = lm.model.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -107,5 +107,5 @@ def test_the_clean_forward_runs_once_per_batch_for_all_layers_and_sets(setup):
     finally:
         handle.remove()
     batches = 3  # 12 sequences, 4 per batch
-    # per batch: 1 clean + layer 1 (zero + a + b) + layer 2 (zero + a)
-    assert len(calls) == batches * (1 + 3 + 2)
+    # per batch: a clean forward in each set's pass (2) + layer 1 (zero + a + b) + layer 2 (zero + a)
+    assert len(calls) == batches * (2 + 3 + 2)

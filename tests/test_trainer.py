@@ -385,7 +385,7 @@ def test_decoder_init_data_starts_each_direction_at_a_distinct_centred_row():
     assert c > 0
     torch.testing.assert_close(sae.W_enc.detach(), c * W_dec)
     with torch.no_grad():
-        part = sae(x).x_hat_BD - sae.b_dec
+        part = (sae(x).x_hat_BD - sae.b_dec).detach()
     assert abs(float(((x - sae.b_dec - part) * part).sum())) < 1e-4 * float(part.pow(2).sum())
 
 

@@ -3,16 +3,19 @@ launched processes (or layer-sharded), and write fit/layer<n>.sae.pt + layer<n>.
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
-from .. import __version__, distributed, release
+from .. import __version__, distributed, memory, release
 from ..config import ActivationSource, RunConfig, fingerprint, to_plain
 from ..data.batches import BatchSource, cached_batches, live_batches
+from ..data.shards import Codec
 from ..errors import ConfigError, InputError
+from ..fsutil import atomic_write_json
 from ..lm import load_lm
 from ..load import check_d_model, load_saes
 from ..rundir import RunDirs, cache_manifest
@@ -36,16 +39,44 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[in
     batch_size / world rows per step; gradients and dead-latent counts are summed over ranks.
 
     With trainer.layer_sharding, rank r instead trains layers[r::world] alone, on full batches of all
-    shards, and writes their files itself; the main process logs its own layers."""
+    shards, and writes their files itself; the main process logs its own layers. With
+    trainer.layer_groups, a rank's layers train in sequential groups, each a pass of its own over the
+    activations, each checkpointed apart and marked done once its files are written."""
     t = cfg.trainer
     rank, world = accelerator.process_index, accelerator.num_processes
     check_processes(cfg, world)
     sharded = t.layer_sharding and world > 1
     layers = cfg.layers[rank::world] if sharded else list(cfg.layers)
-    source = activation_source(cfg, dirs, layers, accelerator.device, *((0, 1) if sharded else (rank, world)))
-    saes = initial_saes(cfg, source.d_model, layers)
-    if t.k_start is not None and not saes[layers[0]].k < t.k_start <= saes[layers[0]].d_sae:
-        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[layers[0]].k}) and d_sae")
+    readers = (0, 1) if sharded else (rank, world)
+    device = accelerator.device
+    d_model = _d_model(cfg, dirs)
+    mem = memory.plan(
+        layers,
+        d_model,
+        cfg.sae.d_sae,
+        cfg.sae.k,
+        t.batch_size // (1 if sharded else world),
+        t.optimizer,
+        t.group_count(),
+        device,
+        data_parallel=world > 1 and not sharded,
+    )
+    if accelerator.is_main_process or sharded:
+        print(f"fit: {mem.describe(device)}")
+    summary: dict[int, dict] = {}
+    for i, group in enumerate(mem.groups):
+        summary.update(_fit_group(cfg, dirs, accelerator, tracker, group, i, len(mem.groups), sharded, readers))
+    return summary
+
+
+def _fit_group(cfg, dirs: RunDirs, accelerator, tracker: Tracker, layers, i, n_groups, sharded, readers) -> dict:
+    """Train one group of layers (all of this rank's, without layer groups) and write their files."""
+    t = cfg.trainer
+    rank, world = accelerator.process_index, accelerator.num_processes
+    ckpt_dir = dirs.checkpoints / (f"rank{rank}-of-{world}" if sharded else "")
+    if n_groups > 1:
+        ckpt_dir = ckpt_dir / f"group{i}-of-{n_groups}"
+    source = activation_source(cfg, dirs, layers, accelerator.device, *readers)
     resume_key = {
         "layers": layers,
         "sae": fingerprint(cfg.sae),
@@ -57,7 +88,17 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[in
         "cache": source.cache_fingerprint,
         "world": world,
     }
-    ckpt_dir = dirs.checkpoints / (f"rank{rank}-of-{world}" if sharded else "")
+    done = ckpt_dir / "done.json"
+    if n_groups > 1 and done.is_file() and all(dirs.sae_file(dirs.fit, n).is_file() for n in layers):
+        record = json.loads(done.read_text())
+        if record["resume_key"] == json.loads(json.dumps(resume_key)):
+            print(f"fit: layer group {i + 1} of {n_groups} ({layers}) is done already: {done}")
+            return {int(n): m for n, m in record["summary"].items()}
+    saes = initial_saes(cfg, source.d_model, layers)
+    if t.k_start is not None and not saes[layers[0]].k < t.k_start <= saes[layers[0]].d_sae:
+        raise ConfigError(f"trainer.k_start={t.k_start} must lie between k ({saes[layers[0]].k}) and d_sae")
+    if n_groups > 1:
+        print(f"fit: layer group {i + 1} of {n_groups}: layers {layers}")
     ckpts = Checkpoints(ckpt_dir, t.checkpoint_every, t.keep_checkpoints, resume_key)
     with distributed.local() if sharded else nullcontext():
         summary = fit(
@@ -76,7 +117,21 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[in
             release.save_tensors(dirs.sae_file(dirs.fit, n), sae.to_release())
             meta = layer_meta(cfg, source.model_name, n, sae, summary[n])
             release.write_sidecar(dirs.sidecar(dirs.fit, n), meta)
+        if n_groups > 1:
+            atomic_write_json(done, {"resume_key": resume_key, "summary": summary})
+    for sae in saes.values():
+        sae.to("cpu")  # the next group gets the device to itself
     return summary
+
+
+def _d_model(cfg: RunConfig, dirs: RunDirs) -> int:
+    """The residual width, from the cache's manifest or the model's config (without loading weights)."""
+    if cfg.reader.source is ActivationSource.live:
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision)
+        return getattr(mc, "text_config", mc).hidden_size
+    return cache_manifest(cfg, dirs)["d_model"]
 
 
 def check_processes(cfg: RunConfig, world: int) -> None:
@@ -101,8 +156,18 @@ def activation_source(cfg: RunConfig, dirs: RunDirs, layers: list[int], device, 
         return Source(batches, steps, lm.d_model, lm.name, None)
     manifest = cache_manifest(cfg, dirs)
     steps = cfg.trainer.max_steps or _cached_steps(manifest, cfg, world)
+    # on a GPU the rows cross the bus in the cache's dtype (bf16: half the bytes) and widen there
+    out_dtype = Codec(**manifest["codec"]).torch_dtype if torch.device(device).type == "cuda" else torch.float32
     batches = cached_batches(
-        dirs.cache, manifest, layers, local_batch, cfg.reader, cfg.trainer.seed, rank=rank, world=world
+        dirs.cache,
+        manifest,
+        layers,
+        local_batch,
+        cfg.reader,
+        cfg.trainer.seed,
+        rank=rank,
+        world=world,
+        out_dtype=out_dtype,
     )
     return Source(batches, steps, manifest["d_model"], manifest["model"], manifest["fingerprint"])
 
