@@ -141,12 +141,10 @@ class TrainerConfig:
     """Train with the encoder reading x - b_dec, so that b_dec also moves the encoder's origin (sparsify's
     and Gao et al.'s form). The export folds it into b_enc: the released encoder is the card's."""
     decoder_init: DecoderInit = DecoderInit.data
-    """random, or data: each decoder direction starts as a distinct training row minus b_dec (fresh runs),
-    and the encoder as the decoder's transpose scaled so the first reconstruction has its least-squares size."""
+    """random, or data: each decoder direction starts as a distinct training row minus b_dec (fresh runs)."""
     encoder_init_norm: float = 3**-0.5
-    """Row norm of W_enc at a random initialisation (it starts as this multiple of the unit-norm decoder's
-    transpose); 1/sqrt(3) is the row norm of torch's default Linear initialisation, which sparsify keeps.
-    With decoder_init=data the scale is fitted to the first rows instead."""
+    """Row norm of W_enc at initialisation (it starts as this multiple of the unit-norm decoder's transpose);
+    1/sqrt(3) is the row norm of torch's default Linear initialisation, which sparsify keeps."""
     warmup_steps: Optional[int] = None
     """Linear learning-rate warmup from 0 over this many steps; None: 100 with adam, 0 with signum."""
     decay_fraction: Optional[float] = None

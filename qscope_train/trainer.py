@@ -239,7 +239,7 @@ def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.
 @torch.no_grad()
 def _init_from_rows(states: dict[int, LayerState], peeked: list[Item], it, cfg: TrainerConfig, device) -> list[Item]:
     """decoder_init=data: each decoder direction starts as a distinct training row minus b_dec, normalised
-    (the encoder as its transpose, scaled by _fit_encoder_scale_), drawn from the first global batches
+    (the encoder as encoder_init_norm times it), drawn from the first global batches
     (every rank's rows in rank order, so any number of processes starts alike). Returns the (batch,
     position) items read, which training then starts with."""
     first = next(iter(states))
@@ -261,29 +261,7 @@ def _init_from_rows(states: dict[int, LayerState], peeked: list[Item], it, cfg: 
         sae.W_dec_FD[:m] = dirs_FD
         sae.W_enc[:m] = dirs_FD * cfg.encoder_init_norm
         sae.W_enc[m:] = sae.W_dec_FD[m:] * cfg.encoder_init_norm
-        _fit_encoder_scale_(sae, rows[:SCALE_ROWS])
     return peeked
-
-
-SCALE_ROWS = 1024  # rows that set the data-initialised encoder's scale (a (rows, d_sae) matrix)
-
-
-@torch.no_grad()
-def _fit_encoder_scale_(sae: TopKSAE, rows_ND: Tensor) -> None:
-    """Scale W_enc so the first reconstruction of rows_ND (centred rows) has its least-squares size.
-    Directions taken from the data each read a large share of a row, so k of them at encoder_init_norm
-    reconstruct several times the row (an initial FVU far above 1, which the first steps then spend
-    undoing); b_enc is 0 here, so a positive scale leaves which latents fire unchanged."""
-    if rows_ND.shape[0] == 0:
-        return
-    pre = rows_ND @ sae.W_enc.T + sae.b_enc
-    vals, idx = pre.topk(sae.k, dim=-1)
-    if sae.activation is Activation.relu_topk:
-        vals = vals.relu()
-    x_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec_FD, mode="sum", per_sample_weights=vals)
-    scale = (rows_ND * x_hat).sum() / x_hat.pow(2).sum()
-    if torch.isfinite(scale) and scale > 0:
-        sae.W_enc.mul_(scale)
 
 
 def fit(

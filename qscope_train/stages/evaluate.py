@@ -28,12 +28,14 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     """Evaluate every SAE set (sae_sets) on the held-out split; returns eval.json's content."""
     e, device = cfg.evaluate, accelerator.device
     sets = sae_sets(cfg, dirs)
-    evals = {
-        name: {n: Evaluator(sae, device, EVAL_BATCH, e.dense_threshold) for n, sae in saes.items()}
-        for name, (_, saes) in sets.items()
-    }
-    filters, heldout, lm = _feed_heldout(cfg, dirs, sets, evals, device)
-    metrics = {name: {n: ev.result() for n, ev in per.items()} for name, per in evals.items()}
+    metrics, firing, lm = {}, {}, None
+    for name, (_, saes) in sets.items():  # one set on the device at a time
+        evals = {n: Evaluator(sae, device, EVAL_BATCH, e.dense_threshold) for n, sae in saes.items()}
+        filters, heldout, lm = _feed_heldout(cfg, dirs, {name: sets[name]}, {name: evals}, device, lm)
+        metrics[name] = {n: ev.result() for n, ev in evals.items()}
+        firing[name] = {str(n): ev.frequencies().float() for n, ev in evals.items()}
+        for sae in saes.values():
+            sae.to("cpu")
     downstream = "skipped (evaluate.downstream_tokens=0)"
     if e.downstream_tokens:
         lm = lm or load_lm(cfg.model, device)
@@ -61,7 +63,6 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
         },
     }
     atomic_write_json(dirs.eval_json, result)
-    firing = {name: {str(n): ev.frequencies().float() for n, ev in per.items()} for name, per in evals.items()}
     atomic_torch_save(dirs.firing, firing)
     report = write_eval_report(dirs.eval, result)
     print(f"evaluate: {dirs.eval_json}, report {report}")
@@ -89,10 +90,11 @@ def _check_width(sets: dict, d_model: int, model: str) -> None:
 
 
 def _feed_heldout(
-    cfg: RunConfig, dirs: RunDirs, sets: dict, evals: dict, device
+    cfg: RunConfig, dirs: RunDirs, sets: dict, evals: dict, device, lm: Optional[LoadedLM] = None
 ) -> tuple[dict, str, Optional[LoadedLM]]:
-    """Feed every evaluator the held-out rows: from the cache when this run has one, else from the model.
-    Returns the filter counts per layer, a line saying where the rows came from, and the model if loaded."""
+    """Feed every evaluator the held-out rows: from the cache when this run has one, else from the model
+    (`lm`, loaded here if None). Returns the filter counts per layer, a line saying where the rows came
+    from, and the model if loaded."""
     if cfg.reader.source is ActivationSource.cache and (dirs.cache / shards.MANIFEST).is_file():
         manifest = cache_manifest(cfg, dirs)
         _check_width(sets, manifest["d_model"], manifest["model"])
@@ -102,7 +104,7 @@ def _feed_heldout(
                     per[n].update(x)
         filters = {str(n): manifest["splits"]["eval"]["layers"][str(n)]["filters"] for n in cfg.layers}
         return filters, f"{manifest['splits']['eval']['tokens']:,} sequence tokens of the cache's held-out split", None
-    lm = load_lm(cfg.model, device)
+    lm = lm or load_lm(cfg.model, device)
     _check_width(sets, lm.d_model, lm.name)
     counts = {n: FilterCounts() for n in cfg.layers}
     for chunk in live_chunks(lm, cfg.layers, cfg.data, "eval", device):
