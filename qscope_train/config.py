@@ -161,8 +161,9 @@ class TrainerConfig:
     """Anneal k from this larger value down to sae.k over k_anneal_steps; None: fixed k."""
     k_anneal_steps: int = 0
     """Steps over which k decreases linearly from k_start to sae.k."""
-    encoder_dtype: DType = DType.float32
-    """Dtype of the dense encoder GEMM (bfloat16 pays off on GPUs and AVX512-BF16 CPUs); weights stay fp32."""
+    encoder_dtype: Optional[DType] = None
+    """Dtype of the training encoder GEMM (weights, optimizer and gradients stay fp32); None: bfloat16 on
+    CUDA, float32 elsewhere. encode() for users is always the card's exact fp32."""
     auxk_coef: float = 1 / 256
     """Weight of the AuxK loss, in which dead latents reconstruct the residual; 0 turns it off. Our AuxK is
     normalised by the residual's variance, not the input's (Gao et al.'s 1/32 is about 1/256 here at FVU 0.1)."""

@@ -93,6 +93,13 @@ def k_at(step: int, k: int, cfg: TrainerConfig) -> int:
 FVU, AUXK, NONZERO, RESID_SQ, RESID_SUM = 0, 1, 2, 3, 4
 
 
+def gemm_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype:
+    """The training encoder GEMM's dtype: trainer.encoder_dtype, or bf16 on CUDA and fp32 elsewhere."""
+    if cfg.encoder_dtype is not None:
+        return cfg.encoder_dtype.torch
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, var, fired_F, stats) -> None:
     """Forward, loss and backward for one layer (its gradients accumulate into the parameters' .grad);
     adds the rows each latent fired on to fired_F (d_sae,) and this rank's statistics to stats.
@@ -100,7 +107,7 @@ def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, va
     AuxK divides by the residual variance of the previous step (resid_var): with data parallel that is
     the global batch's without a third collective, and one step's lag does not change its scale."""
     sae = state.sae
-    out, loss, main = objectives.compute(sae, x_BD, cfg, k_at(step, sae.k, cfg), var, cfg.encoder_dtype.torch)
+    out, loss, main = objectives.compute(sae, x_BD, cfg, k_at(step, sae.k, cfg), var, gemm_dtype(cfg, x_BD.device))
     aux = None
     # no latent can be dead before dead_after_tokens tokens: a host-side test, unlike dead_F.any()
     if cfg.auxk_coef > 0 and state.resid_var is not None and state.tokens >= cfg.dead_after_tokens:

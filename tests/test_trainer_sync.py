@@ -128,3 +128,23 @@ def test_cuda_steps_between_log_steps_do_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(state.last).all()
+
+
+def test_the_encoder_gemm_is_bf16_on_cuda_by_default_and_a_bf16_run_matches_fp32():
+    from qscope_train.config import DType
+    from qscope_train.trainer import gemm_dtype
+
+    assert gemm_dtype(TrainerConfig(), torch.device("cuda")) == torch.bfloat16
+    assert gemm_dtype(TrainerConfig(), torch.device("cpu")) == torch.float32
+    assert gemm_dtype(TrainerConfig(encoder_dtype=DType.float32), torch.device("cuda")) == torch.float32
+    x = _data(n=8192)
+    final = {}
+    for dtype in (DType.float32, DType.bfloat16):
+        sae = TopKSAE(16, 256, 4)
+        sae.init_weights_(generator=torch.Generator().manual_seed(0))
+        cfg = TrainerConfig(batch_size=256, encoder_dtype=dtype, log_every=1)
+        logs = []
+        batches = Unseekable([{0: x[i * 256 : (i + 1) * 256]} for i in range(32)])
+        fit({0: sae}, batches, cfg, 32, "cpu", lambda s, m, logs=logs: logs.append(m[0]["fvu"]), NullBar)
+        final[dtype] = sum(logs[-8:]) / 8
+    assert abs(final[DType.bfloat16] - final[DType.float32]) < 0.05 * final[DType.float32], final
