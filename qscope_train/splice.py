@@ -62,6 +62,12 @@ def zero_replace(h_BTD: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def _forward(lm: LoadedLM, ids_BT, attn_BT, layer=None, replace=None, mask_BT=None, **kwargs):
+    """The model's forward, with layer's output spliced when layer and replace are given."""
+    with splice(lm.layers[layer], replace, mask_BT) if layer is not None else nullcontext():
+        return lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False, **kwargs)
+
+
 def logits(
     lm: LoadedLM,
     ids_BT: Tensor,
@@ -71,10 +77,7 @@ def logits(
     mask_BT: Optional[Tensor] = None,
 ) -> Tensor:
     """Full-model logits (B, T, vocab), with layer's output spliced when layer and replace are given."""
-    if layer is None:
-        return lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False).logits
-    with splice(lm.layers[layer], replace, mask_BT):
-        return lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False).logits
+    return _forward(lm, ids_BT, attn_BT, layer, replace, mask_BT).logits
 
 
 def final_norm(lm: LoadedLM) -> nn.Module:
@@ -85,7 +88,6 @@ def final_norm(lm: LoadedLM) -> nn.Module:
     raise RuntimeError(f"no final norm beside the decoder layers in {type(lm.model).__name__}")
 
 
-@torch.no_grad()
 def final_hidden(
     lm: LoadedLM,
     ids_BT: Tensor,
@@ -99,8 +101,7 @@ def final_hidden(
     seen = {}
     handle = final_norm(lm).register_forward_hook(lambda _m, _i, out: seen.__setitem__("h", out))
     try:
-        with splice(lm.layers[layer], replace, mask_BT) if layer is not None else nullcontext():
-            lm.model(input_ids=ids_BT, attention_mask=attn_BT.long(), use_cache=False, logits_to_keep=1)
+        _forward(lm, ids_BT, attn_BT, layer, replace, mask_BT, logits_to_keep=1)
     finally:
         handle.remove()
     return seen["h"]

@@ -117,12 +117,13 @@ def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, va
     loss.backward()
     with torch.no_grad():
         vals_BK, idx_BK = out.code
-        fired_F.index_add_(0, idx_BK.reshape(-1), (vals_BK != 0).reshape(-1).to(fired_F.dtype))
+        fired_BK = vals_BK != 0
+        fired_F.index_add_(0, idx_BK.reshape(-1), fired_BK.reshape(-1).to(fired_F.dtype))
         e_BD = x_BD - out.x_hat_BD
         stats[FVU] += main.detach()
         if aux is not None:
             stats[AUXK] += aux.detach()
-        stats[NONZERO] += (vals_BK != 0).sum()
+        stats[NONZERO] += fired_BK.sum()
         stats[RESID_SQ] += e_BD.pow(2).sum()
         stats[RESID_SUM:] += e_BD.sum(0)
 

@@ -9,7 +9,7 @@ from qscope_train.data.activations import make_filter
 from qscope_train.data.tokens import batched, load_text_dataset, token_stream
 from qscope_train.lm import load_lm, run_captured
 from qscope_train.sae import TopKSAE
-from qscope_train.splice import downstream_metrics, logits, sae_replace
+from qscope_train.splice import downstream_metrics, final_hidden, logits, sae_replace
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,9 @@ def test_the_last_layer_splice_equals_a_manual_forward(setup):
         want = lm.model.lm_head(lm.model.model.norm(stream))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, logits(lm, ids, attn), atol=1e-3)
+    # what the spliced loss scores: the final norm's output, the head applied in chunks afterwards
+    with torch.no_grad():
+        torch.testing.assert_close(final_hidden(lm, ids, attn, last, replace, mask), lm.model.model.norm(stream))
 
 
 def test_the_next_layer_receives_the_reconstruction(setup):
