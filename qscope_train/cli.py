@@ -6,11 +6,13 @@ settings (the CPU allocator).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +36,22 @@ MOVED_KEYS = {
     "data.verify_shards": "reader.verify_shards",
 }
 _OVERRIDE_KEY = re.compile(r"^(?P<prefix>[~+]*)(?P<key>[\w.]+)(?P<rest>(=.*)?)$", re.DOTALL)
+
+
+def config_path() -> str:
+    """Where Hydra finds the configs: inside the installed package (pkg://qscope_train.configs), or
+    beside the package in a source checkout used without installing it (PYTHONPATH=<checkout>, as on
+    a machine with no network to install from)."""
+    try:
+        if importlib.util.find_spec(CONFIG_MODULE) is not None:
+            return f"pkg://{CONFIG_MODULE}"
+    except ModuleNotFoundError:
+        pass
+    source = Path(__file__).resolve().parents[1] / "configs"
+    return str(source) if (source / "config.yaml").is_file() else f"pkg://{CONFIG_MODULE}"
+
+
+CONFIG_PATH = config_path()
 
 
 def register_configs() -> None:
@@ -64,10 +82,14 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 def compose(overrides: Sequence[str] = ()) -> RunConfig:
     """The RunConfig that `qscope-train <overrides>` would run, for tests and notebooks."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir, initialize_config_module
 
     register_configs()
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+    if CONFIG_PATH.startswith("pkg://"):
+        where = initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    else:
+        where = initialize_config_dir(CONFIG_PATH, version_base="1.3")
+    with where:
         return to_run_config(hydra_compose("config", overrides=migrate_overrides(overrides)))
 
 
@@ -88,7 +110,7 @@ def _leave_together(accelerator) -> None:
         dist.destroy_process_group()
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from .pipeline import run
 

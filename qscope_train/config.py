@@ -179,9 +179,10 @@ class TrainerConfig:
     """Train the layers in this many sequential groups, each a full pass over the batches with only its
     own SAEs in memory (each group resumable; a layer's weights do not depend on its group), or auto:
     as few groups as fit in the device's free memory (the fit stage prints the plan)."""
-    layer_sharding: bool = False
-    """With several processes: each one trains its share of the layers (layers[rank::world]) on full
-    batches and exchanges nothing, instead of all of them splitting every batch (data parallel)."""
+    layer_sharding: Optional[bool] = None
+    """With several processes: true, each one trains its share of the layers (layers[rank::world]) on full
+    batches and exchanges nothing; false, all of them split every batch (data parallel); None (auto):
+    sharded when there are at least as many layers as processes, data parallel otherwise."""
     log_every: int = operational(20)
     """Steps between log lines (JSONL, progress bar, wandb); metrics are read from the device only then."""
     prefetch_batches: int = operational(2)
@@ -214,6 +215,14 @@ class TrainerConfig:
             raise ConfigError(f"trainer.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.encoder_init_norm <= 0:
             raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
+
+    def sharded(self, n_layers: int, world: int) -> bool:
+        """Whether a fit of n_layers on world processes is layer-sharded (see layer_sharding)."""
+        if world <= 1:
+            return False
+        if self.layer_sharding is None:
+            return n_layers >= world
+        return self.layer_sharding
 
     def group_count(self) -> Optional[int]:
         """layer_groups as a number of groups, or None for auto."""

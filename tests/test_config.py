@@ -164,3 +164,33 @@ def test_fingerprints_ignore_reader_and_operational_settings_but_not_the_rest():
     assert fingerprint(compose(["experiment=demo", "trainer.lr=0.01"]).trainer) != fingerprint(base.trainer)
     moved = compose(["experiment=demo", "data.context_len=64"])
     assert cache_fingerprint("m", None, [1], moved.data, 1) != cache_fingerprint("m", None, [1], base.data, 1)
+
+
+def test_layer_sharding_is_chosen_from_layers_and_processes_unless_forced():
+    t = compose(["experiment=qwen3_1.7b_base_w32k_k100"]).trainer
+    assert t.layer_sharding is None  # auto by default
+    assert t.sharded(28, 8) and t.sharded(2, 2)  # at least as many layers as processes
+    assert not t.sharded(3, 4) and not t.sharded(28, 1)
+    forced = compose(["experiment=qwen3_1.7b_base_w32k_k100", "trainer.layer_sharding=false"]).trainer
+    assert not forced.sharded(28, 8)
+    forced = compose(["experiment=qwen3_1.7b_base_w32k_k100", "trainer.layer_sharding=true"]).trainer
+    assert forced.sharded(3, 2) and not forced.sharded(3, 1)
+
+
+def test_a_source_checkout_finds_its_configs_without_being_installed(tmp_path):
+    # a copy of the package and configs/, imported with site-packages on the path but without the .pth
+    # files that install this checkout (python -S): how gpu_check.sh runs on a machine with no network
+    import shutil
+    import site
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "qscope_train", tmp_path / "qscope_train")
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    code = (
+        f"import sys; sys.path[:0] = [{str(tmp_path)!r}]; sys.path += {site.getsitepackages()!r}\n"
+        "import qscope_train.cli as c\n"
+        "print(c.CONFIG_PATH); print(c.compose(['experiment=demo']).layers)"
+    )
+    res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(tmp_path / "configs"), "[1,", "2]"]

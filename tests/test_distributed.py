@@ -69,6 +69,7 @@ def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(f
             "qscope_train.cli",
             *common,
             "stages=[fit,evaluate,export]",
+            "trainer.layer_sharding=false",  # 2 layers on 2 processes would be sharded by default
         ],
         env=env,
         capture_output=True,
@@ -81,6 +82,7 @@ def test_pipeline_fits_on_two_processes_and_the_main_one_evaluates_and_exports(f
     side = json.loads((tmp_path / "export" / "layer1.json").read_text())
     assert side["train"]["tokens_trained"] == 20 * 512  # global batch: 2 ranks × 256 rows
     assert res.stdout.count("layer      FVU") == 1  # only the main process reports
+    assert "fit: data parallel over 2 processes (set by trainer.layer_sharding)" in res.stdout
 
 
 def test_layer_sharded_fit_on_two_processes_equals_one_process(fixtures_dir, tmp_path):
@@ -105,13 +107,14 @@ def test_layer_sharded_fit_on_two_processes_equals_one_process(fixtures_dir, tmp
     subprocess.run([exe, *common, f"run_dir={one}", "stages=[fit]"], env=env, check=True, capture_output=True)
     res = subprocess.run(
         [*torchrun(), "-m", "qscope_train.cli", *common]
-        + [f"run_dir={two}", "stages=[fit,export]", "trainer.layer_sharding=true"],
+        + [f"run_dir={two}", "stages=[fit,export]"],  # 2 layers on 2 processes: sharded by default
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "fit: layer-sharded over 2 processes (auto)" in res.stdout
     for n in (1, 2):
         want = torch.load(one / "fit" / f"layer{n}.sae.pt", weights_only=True)
         got = torch.load(two / "fit" / f"layer{n}.sae.pt", weights_only=True)

@@ -110,6 +110,7 @@ def test_a_fit_reads_back_only_on_log_steps():
     assert logged == [0, 4, 7] and reads == [[]] * 8
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_steps_between_log_steps_do_not_synchronise():
     device = torch.device("cuda")

@@ -38,14 +38,17 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[in
     """Data parallel over the launched processes: rank r reads its own shards (or live chunks) and
     batch_size / world rows per step; gradients and dead-latent counts are summed over ranks.
 
-    With trainer.layer_sharding, rank r instead trains layers[r::world] alone, on full batches of all
-    shards, and writes their files itself; the main process logs its own layers. With
+    Layer-sharded (trainer.layer_sharding, by default whenever there are at least as many layers as
+    processes), rank r instead trains layers[r::world] alone, on full batches of all shards, and writes
+    their files itself; the main process logs its own layers. With
     trainer.layer_groups, a rank's layers train in sequential groups, each a pass of its own over the
     activations, each checkpointed apart and marked done once its files are written."""
     t = cfg.trainer
     rank, world = accelerator.process_index, accelerator.num_processes
     check_processes(cfg, world)
-    sharded = t.layer_sharding and world > 1
+    sharded = t.sharded(len(cfg.layers), world)
+    if accelerator.is_main_process and world > 1:
+        print(f"fit: {_parallel_plan(cfg, world, sharded)}")
     layers = cfg.layers[rank::world] if sharded else list(cfg.layers)
     readers = (0, 1) if sharded else (rank, world)
     device = accelerator.device
@@ -124,6 +127,22 @@ def _fit_group(cfg, dirs: RunDirs, accelerator, tracker: Tracker, layers, i, n_g
     return summary
 
 
+def _parallel_plan(cfg: RunConfig, world: int, sharded: bool) -> str:
+    """One line saying how the processes share the work, and why."""
+    n = len(cfg.layers)
+    chosen = "set by trainer.layer_sharding" if cfg.trainer.layer_sharding is not None else "auto"
+    if sharded:
+        most = -(-n // world)
+        return (
+            f"layer-sharded over {world} processes ({chosen}): each trains {most if n % world == 0 else f'{n // world}-{most}'}"
+            f" of the {n} layers on full batches, with no collectives"
+        )
+    return (
+        f"data parallel over {world} processes ({chosen}): {cfg.trainer.batch_size // world} rows each per step, "
+        "2 all-reduces per step"
+    )
+
+
 def _d_model(cfg: RunConfig, dirs: RunDirs) -> int:
     """The residual width, from the cache's manifest or the model's config (without loading weights)."""
     if cfg.reader.source is ActivationSource.live:
@@ -139,7 +158,7 @@ def check_processes(cfg: RunConfig, world: int) -> None:
     t = cfg.trainer
     if t.layer_sharding and world > len(cfg.layers) > 0:
         raise ConfigError(f"trainer.layer_sharding: {world} processes for {len(cfg.layers)} layers leaves some idle")
-    if world > 1 and not t.layer_sharding and t.batch_size % world:
+    if world > 1 and not t.sharded(len(cfg.layers), world) and t.batch_size % world:
         raise ConfigError(f"trainer.batch_size={t.batch_size} must divide evenly over {world} processes")
 
 

@@ -1,0 +1,233 @@
+"""The prepared GPU check: every figure the CPU cannot give, in one command and one JSON summary.
+
+Run through scripts/gpu_check.sh (which first installs the wheels carried in .whl/). Checks, each in
+its own subprocess with its own time limit, so that one failure does not hide the others:
+
+  env            torch, the device, and whether every package the checks need imports
+  cuda_tests     pytest -m cuda: the CUDA-only tests (no host syncs between log steps, bf16 parity,
+                 pinned prefetch, a fit from a real cache); on CUDA none may be skipped
+  bench_train    our training step at 2048/32768/100, batch 4096, bf16 encoder GEMM (the CUDA default)
+                 and fp32
+  bench_sparsify sparsify's own step at the same shape (its Triton decoder on CUDA)
+  fit_28_layers  scripts/bench_fit.py: 28 layers from a synthetic cache, layer groups planned from
+                 free memory: fit tokens/s against the bare step's
+  tiny_pipeline  make_tiny_model + qscope-train experiment=demo (cache, fit, evaluate, export) on the
+                 device: wall time and held-out FVU per layer
+
+--dry-run runs the same checks on the CPU at small shapes (the CUDA tests then skip, and that is
+allowed). The summary is printed as the last line and written to <out>/gpu_check.json, with every
+check's output in <out>/gpu_check.log.
+
+Usage: python scripts/gpu_check.py [--dry-run] [--out DIR] [--fixtures DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_NEEDED = ["hydra", "omegaconf", "zstandard", "datasets", "schedulefree", "transformers", "accelerate"]
+
+
+def last_json(text: str) -> dict:
+    """The last line of `text` that parses as a JSON object."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("no JSON line in the output")
+
+
+class Runner:
+    def __init__(self, out: Path, python: str, env: dict) -> None:
+        self.out, self.python, self.env = out, python, env
+        self.log = open(out / "gpu_check.log", "w")
+        self.checks: dict[str, dict] = {}
+
+    def run(self, name: str, args: list[str], timeout: int, parse=last_json, env: dict | None = None) -> dict:
+        """Run one check; record ok, seconds and the parsed result (or the error)."""
+        print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        record: dict = {"ok": False}
+        try:
+            res = subprocess.run(
+                args,
+                cwd=ROOT,
+                env={**self.env, **(env or {})},
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            output = res.stdout + res.stderr
+            self.log.write(f"===== {name}: {' '.join(args)}\n{output}\n")
+            if res.returncode != 0:
+                record["error"] = f"exit {res.returncode}: " + " | ".join(output.strip().splitlines()[-3:])
+            else:
+                record["result"] = parse(res.stdout)
+                record["ok"] = True
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            self.log.write(f"===== {name}: timed out after {timeout} s\n{out}\n")
+            record["error"] = f"timed out after {timeout} s"
+        except Exception as e:  # a parse failure is this check's failure, not the script's
+            record["error"] = f"{type(e).__name__}: {e}"
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        self.log.flush()
+        self.checks[name] = record
+        print(f"gpu_check: {name} {'ok' if record['ok'] else 'FAILED'} in {record['seconds']} s", file=sys.stderr)
+        return record
+
+
+def env_check(cuda: bool) -> dict:
+    import torch
+
+    missing = [m for m in PEERS_NEEDED if importlib.util.find_spec(m) is None]
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "missing_packages": missing,
+        "sparsify_importable": importlib.util.find_spec("sparsify") is not None,
+    }
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        info["device_memory_gib"] = round(total / 2**30, 1)
+    ok = not missing and (info["cuda_available"] or not cuda)
+    return {"ok": ok, "result": info, "seconds": 0.0}
+
+
+def pytest_counts(stdout: str) -> dict:
+    """passed/skipped/failed counts from pytest's last line."""
+    counts = {}
+    last = stdout.strip().splitlines()[-1]
+    for part in last.replace("=", " ").split(","):
+        words = part.split()
+        for i, w in enumerate(words[1:], start=1):
+            if words[i - 1].isdigit():
+                counts[w] = int(words[i - 1])
+    return counts
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="the same checks on the CPU at small shapes")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "gpu_check_out")))
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--fixtures", type=Path, help="tiny models built already (make_tiny_model.py): skip building them")
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    cuda = not a.dry_run
+    device = "cuda" if cuda else "cpu"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    r = Runner(a.out, a.python, env)
+    py = a.python
+    t_start = time.perf_counter()
+
+    r.checks["env"] = env_check(cuda)
+    if cuda and not r.checks["env"]["result"]["cuda_available"]:
+        r.checks["env"]["error"] = "no CUDA device: run with --dry-run on a CPU"
+
+    def no_skips_on_cuda(stdout: str) -> dict:
+        counts = pytest_counts(stdout)
+        if cuda and counts.get("skipped", 0):
+            raise RuntimeError(f"{counts['skipped']} CUDA tests skipped on a CUDA machine")
+        if not counts.get("passed", 0) and not counts.get("skipped", 0):
+            raise RuntimeError("no CUDA test ran")
+        return counts
+
+    r.run(
+        "cuda_tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"], 240, no_skips_on_cuda
+    )
+
+    if cuda:
+        shape = ["--d-model", "2048", "--d-sae", "32768", "--k", "100", "--batch", "4096"]
+        timing = ["--steps", "20", "--warmup", "5", "--device", "cuda"]
+    else:
+        shape = ["--d-model", "256", "--d-sae", "2048", "--k", "32", "--batch", "512"]
+        timing = ["--steps", "4", "--warmup", "1", "--device", "cpu"]
+    bf16 = r.run("bench_train", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "bfloat16"], 180)
+    r.run("bench_train_fp32", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "float32"], 180)
+    peer = os.environ.get("QSCOPE_SPARSIFY_PYTHON", py)
+    if r.checks["env"]["result"]["sparsify_importable"] or peer != py:
+        sp = r.run("bench_sparsify", [peer, "scripts/bench_peer_sparsify.py", *shape, *timing], 180)
+    else:
+        sp = {"ok": not cuda, "error": "eai-sparsify is not installed (carry its wheel in .whl/)", "seconds": 0.0}
+        r.checks["bench_sparsify"] = sp
+
+    if cuda:
+        fit_args = ["--layers", "28", *shape, "--steps", "4", "--warmup", "2", "--rounds", "1", "--threads", "8"]
+    else:
+        fit_args = ["--layers", "4", "--d-model", "128", "--d-sae", "1024", "--k", "16", "--batch", "512"]
+        fit_args += ["--steps", "3", "--warmup", "1", "--rounds", "1"]
+    r.run("fit_28_layers", [py, "scripts/bench_fit.py", *fit_args, "--layer-groups", "auto", "--device", device], 300)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fixtures, run_dir = a.fixtures or Path(tmp) / "fixtures", Path(tmp) / "demo"
+        if a.fixtures is None:
+            r.run("tiny_fixtures", [py, "scripts/make_tiny_model.py", "--out", str(fixtures)], 120, parse=lambda s: {})
+        else:
+            r.checks["tiny_fixtures"] = {"ok": (fixtures / "fixtures.json").is_file(), "seconds": 0.0}
+
+        def pipeline_result(stdout: str) -> dict:
+            ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+            layers = ev["sets"]["trained"]["layers"]
+            fit_side = json.loads((run_dir / "fit" / "layer1.json").read_text())
+            if cuda and "cuda" not in stdout:
+                raise RuntimeError("the pipeline did not report running on cuda")
+            return {
+                "heldout_fvu": {n: round(m["fvu"], 4) for n, m in layers.items()},
+                "device_seen": device in stdout,
+                "tokens_trained": fit_side["train"]["tokens_trained"],
+            }
+
+        demo = [py, "-m", "qscope_train.cli", "experiment=demo", f"run_dir={run_dir}"]
+        if not cuda:
+            demo += ["data.train_tokens=65536", "data.eval_tokens=8192"]
+        if r.checks["tiny_fixtures"]["ok"]:
+            r.run("tiny_pipeline", demo, 300, pipeline_result, env={"QSCOPE_FIXTURES": str(fixtures)})
+
+    fig = {}
+    if bf16["ok"]:
+        fig["ours_tokens_per_s_bf16"] = bf16["result"]["tokens_per_s"]
+        fig["ours_fraction_of_floor_bf16"] = bf16["result"]["fraction_of_floor"]
+    if r.checks["bench_train_fp32"]["ok"]:
+        fig["ours_tokens_per_s_fp32"] = r.checks["bench_train_fp32"]["result"]["tokens_per_s"]
+    if sp.get("ok") and "result" in sp:
+        fig["sparsify_tokens_per_s"] = sp["result"]["tokens_per_s"]
+        if bf16["ok"]:
+            fig["ours_over_sparsify"] = round(bf16["result"]["tokens_per_s"] / sp["result"]["tokens_per_s"], 3)
+    if r.checks["fit_28_layers"]["ok"]:
+        res = r.checks["fit_28_layers"]["result"]
+        fig.update(
+            fit_tokens_per_s=res["fit_tokens_per_s"],
+            fit_over_step=res["ratio"],
+            layer_groups=res["settings"]["layer_groups"],
+        )
+    summary = {
+        "gpu_check": "dry-run" if a.dry_run else "cuda",
+        "device": r.checks["env"]["result"]["device"],
+        "ok": all(c["ok"] for c in r.checks.values()),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "figures": fig,
+        "checks": r.checks,
+    }
+    (a.out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+    sys.exit(0 if summary["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
