@@ -117,6 +117,43 @@ def test_cached_reader_resumes_exactly(cached):
     assert not torch.equal(got[0][1], rest[-1][1])
 
 
+def test_live_reader_resumes_exactly_without_rerunning_the_model_over_skipped_chunks(cached, lm, monkeypatch):
+    from qscope_train.data import activations
+
+    cfg, _, _ = cached
+    forwards = []
+    real = activations.forward_chunk
+    monkeypatch.setattr(activations, "forward_chunk", lambda *a, **k: forwards.append(1) or real(*a, **k))
+    reader = dataclasses.replace(cfg.reader, shuffle_buffer_tokens=3000)
+    source = live_batches(lm, cfg.layers, 256, cfg.data, reader, seed=3, device="cpu")
+    it = iter(source)
+    for _ in range(45):
+        next(it)
+    state = torch.load(_saved(source.state_dict()), weights_only=True)  # as a checkpoint stores it
+    before = len(forwards)
+    rest = [next(it) for _ in range(30)]  # crosses fills and the end of the split (~57 batches)
+    after = len(forwards) - before
+    forwards.clear()
+    again = live_batches(lm, cfg.layers, 256, cfg.data, reader, seed=3, device="cpu")
+    again.load_state_dict(state)
+    it2 = iter(again)
+    for want in rest:
+        have = next(it2)
+        assert all(torch.equal(want[n], have[n]) for n in want)
+    # the resumed stream ran the model over the current fill's chunks (3000 rows, under 4 chunks of
+    # ~900 kept rows) and what came after, not over the ~12 chunks before the fill
+    assert before >= 12 and len(forwards) <= after + 5, (before, after, len(forwards))
+
+
+def _saved(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
 def _train_rows(root, m, layer="1"):
     recs = m["splits"]["train"]["layers"][layer]["shards"]
     return [shards.read_shard(root, shards.ShardRecord(**s), 64, Codec(**m["codec"]), torch.float32) for s in recs]

@@ -245,15 +245,20 @@ def _fit_cli(run_dir, *extra):
     ]
 
 
-def test_kill_9_during_fit_then_rerun_gives_the_uninterrupted_weights(demo, fixtures_dir, tmp_path):
+@pytest.mark.parametrize("source", ["cached", "live"])
+def test_kill_9_during_fit_then_rerun_gives_the_uninterrupted_weights(demo, fixtures_dir, tmp_path, source):
+    # live: the stream restarts at the checkpointed chunk (150 steps of 512 rows also cross the end of
+    # the 65536-token split into a second pass)
     _, run_dir, _ = demo
     env = dict(os.environ, QSCOPE_FIXTURES=str(fixtures_dir))
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    for d in (ref, crashed):
-        shutil.copytree(run_dir / "cache", d / "cache")
-    subprocess.run(_fit_cli(ref), env=env, check=True, capture_output=True, timeout=300)
+    extra = ["reader.source=live"] if source == "live" else []
+    if source == "cached":
+        for d in (ref, crashed):
+            shutil.copytree(run_dir / "cache", d / "cache")
+    subprocess.run(_fit_cli(ref, *extra), env=env, check=True, capture_output=True, timeout=300)
     latest = crashed / "fit" / "checkpoints" / "latest.json"
-    proc = subprocess.Popen(_fit_cli(crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_fit_cli(crashed, *extra), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and (not latest.is_file() or json.loads(latest.read_text())["step"] < 29):
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -261,7 +266,7 @@ def test_kill_9_during_fit_then_rerun_gives_the_uninterrupted_weights(demo, fixt
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (crashed / "fit" / "layer1.sae.pt").exists()
-    out = subprocess.run(_fit_cli(crashed), env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(_fit_cli(crashed, *extra), env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resume: continuing after step" in out.stdout
     for n in (1, 2):

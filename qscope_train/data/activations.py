@@ -162,6 +162,11 @@ def make_filter(lm: LoadedLM, cfg: DataConfig, medians: dict[int, RunningMedian]
     return ActivationFilter(cfg, special_token_ids(lm.tokenizer), medians if medians is not None else {})
 
 
+START = {"epoch": 0, "chunk": 0, "stream": [0, 0], "medians": {}}
+"""Where a live stream starts: epoch, the index of the next chunk, the token stream's position before it,
+and the outlier filter's running medians ({layer: RunningMedian.state()}) at that point."""
+
+
 def live_chunks(
     lm: LoadedLM,
     layers: Sequence[int],
@@ -174,19 +179,46 @@ def live_chunks(
 ) -> Iterator[ChunkRows]:
     """Run the model over one split's chunks (this rank's share), as the cache writer would, yielding
     each chunk's ChunkRows (rows per layer, positions, token ids and filter counts); nothing is stored."""
+    for chunk, _ in positioned_live_chunks(lm, layers, cfg, split, device, rank, world, epochs):
+        yield chunk
+
+
+def positioned_live_chunks(
+    lm: LoadedLM,
+    layers: Sequence[int],
+    cfg: DataConfig,
+    split: str,
+    device,
+    rank: int = 0,
+    world: int = 1,
+    epochs: int | None = 1,
+    start: dict | None = None,
+) -> Iterator[tuple[ChunkRows, dict]]:
+    """live_chunks from `start` (a position this function gave, or START), each chunk with the position
+    after it. Restarting at a position re-reads the text before it only as far as the documents it
+    skips, tokenizes from there, and runs the model over nothing it skips: the chunks that follow, and
+    the filter's decisions on them, are those of an uninterrupted stream."""
     chunks = plan(cfg)[split]
-    epoch = 0
+    pos = START if start is None else start
+    epoch, first = pos["epoch"], True
     while epochs is None or epoch < epochs:
-        filt = make_filter(lm, cfg)  # fresh running medians each pass, as the cache does per split
-        stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg)
-        produced = False
-        for c, seqs in enumerate(chunked(stream, cfg.shard_sequences)):
+        if first:
+            medians = {int(n): RunningMedian(m) for n, m in pos["medians"].items()}
+            at, c0 = StreamState(*pos["stream"]), pos["chunk"]
+        else:
+            medians, at, c0 = {}, StreamState(), 0  # fresh running medians each pass, as the cache does per split
+        filt = make_filter(lm, cfg, medians)
+        stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg, at)
+        produced = c0 > 0  # a resumed pass has produced already (positions follow this rank's own chunks)
+        for c, seqs in enumerate(chunked(stream, cfg.shard_sequences), start=c0):
             if c >= chunks.stop:
                 break
             if c < chunks.start or c % world != rank:
                 continue
             produced = True
-            yield forward_chunk(lm, layers, seqs, cfg, filt, device)
+            chunk = forward_chunk(lm, layers, seqs, cfg, filt, device)
+            medians_now = {str(n): m.state() for n, m in filt.medians.items()}
+            yield chunk, {"epoch": epoch, "chunk": c + 1, "stream": list(seqs[-1].state), "medians": medians_now}
         if not produced:
             raise InputError(f"the live {split} split has no sequences for rank {rank}")
-        epoch += 1
+        epoch, first = epoch + 1, False

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..lm import LoadedLM
 from . import shards
-from .activations import live_chunks
+from .activations import START, positioned_live_chunks
 from .config import DataConfig, OnCorrupt, ReaderConfig
 from .shards import Codec, CorruptShardError
 from .shuffle import Blocks, ShuffledBatches, generator
@@ -185,28 +185,64 @@ def eval_rows(root: Path, manifest: dict, layer: int, batch_size: int) -> Iterat
         yield from shard.split(batch_size)
 
 
-class _FanOut:
-    """Hands each layer its rows of the shared live chunks; a layer that runs ahead pulls the next chunk."""
+def _key(pos: dict) -> tuple[int, int]:
+    """A live position's place in the stream, for ordering positions."""
+    return pos["epoch"], pos["chunk"]
 
-    def __init__(self, chunks: Iterator[dict[int, Tensor]], layers: Sequence[int]) -> None:
-        self.chunks = chunks
-        self.queues: dict[int, deque] = {n: deque() for n in layers}
-        self.count = 0
+
+class _FanOut:
+    """Hands each layer its rows of the shared live chunks; a layer that runs ahead pulls the next chunk.
+    start() restarts the chunk stream at a position; a layer whose own position lies further on skips
+    the chunks before it (layers fill their shuffle buffers from different numbers of chunks, since the
+    outlier filter keeps different rows per layer)."""
+
+    def __init__(self, chunks_from: Callable[[dict], Iterator[tuple[dict[int, Tensor], dict]]], layers) -> None:
+        self.chunks_from, self.layers = chunks_from, list(layers)
+        self.start(START)
+
+    def start(self, pos: dict) -> None:
+        self.chunks, self.before = None, pos
+        self.queues: dict[int, deque] = {n: deque() for n in self.layers}
 
     def blocks(self, layer: int) -> Callable[[Any], Blocks]:
-        def gen(_pos) -> Blocks:
-            q = self.queues[layer]
+        def gen(pos: dict) -> Blocks:
+            q, want = self.queues[layer], _key(pos)
             while True:
                 if not q:
-                    rows = next(self.chunks, None)
-                    if rows is None:
+                    if self.chunks is None:
+                        self.chunks = self.chunks_from(self.before)
+                    item = next(self.chunks, None)
+                    if item is None:
                         return
-                    self.count += 1
+                    rows, after = item
                     for n, r in rows.items():
-                        self.queues[n].append((r.unsqueeze(0), self.count))
-                yield q.popleft()
+                        self.queues[n].append((r.unsqueeze(0), _key(self.before), after))
+                    self.before = after
+                block, before, after = q.popleft()
+                if before >= want:
+                    yield block, after
 
         return gen
+
+
+class LiveBatches(LayerBatches):
+    """Live batches that resume exactly: the state holds each layer's shuffle-buffer position, which
+    names the chunk its current fill started at (see positioned_live_chunks)."""
+
+    def __init__(self, buffers: dict[int, ShuffledBatches], fan: _FanOut, device) -> None:
+        super().__init__(buffers)
+        self.fan, self.device = fan, device
+
+    def __iter__(self) -> Iterator[dict[int, Tensor]]:
+        self.fan.start(min((b.state["pos"] for b in self.buffers.values()), key=_key))
+        return super().__iter__()
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, b in self.buffers.items():
+            st = dict(state[str(n)])
+            if st["carry"] is not None:
+                st["carry"] = st["carry"].to(self.device)  # the live rows it joins are on the device
+            b.load_state_dict(st)
 
 
 def live_batches(
@@ -225,15 +261,20 @@ def live_batches(
 ) -> LayerBatches:
     """The batches cached_batches gives with shuffle_shards=False, computed from the model (no disk).
 
-    Rows are rounded to the cache dtype first, exactly as the cache stores them. Live batches do not
-    resume mid-run: a restarted run recomputes the stream from its beginning.
+    Rows are rounded to the cache dtype first, exactly as the cache stores them. The source resumes
+    exactly from its state_dict(): the stream restarts at the chunk where each layer's current shuffle
+    fill began, skipping the text before it without running the model over it.
     """
-    chunks = (chunk.rows for chunk in live_chunks(lm, layers, data, split, device, rank, world, epochs))
-    fan = _FanOut(chunks, layers)
+
+    def chunks_from(pos: dict) -> Iterator[tuple[dict[int, Tensor], dict]]:
+        for chunk, after in positioned_live_chunks(lm, layers, data, split, device, rank, world, epochs, pos):
+            yield chunk.rows, after
+
+    fan = _FanOut(chunks_from, layers)
     buffers = {
         n: ShuffledBatches(
-            fan.blocks(n), 0, batch_size, reader.shuffle_buffer_tokens, seed + n, lambda x: x[0].to(out_dtype)
+            fan.blocks(n), START, batch_size, reader.shuffle_buffer_tokens, seed + n, lambda x: x[0].to(out_dtype)
         )
         for n in layers
     }
-    return LayerBatches(buffers, seekable=False)
+    return LiveBatches(buffers, fan, device)
