@@ -54,13 +54,42 @@ def load_lm(cfg: ModelConfig, device: torch.device | str = "cpu") -> LoadedLM:
             f"model {cfg.name_or_path!r} has model_type {config.model_type!r}; qscope-train supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen3 and Qwen3.5)"
         )
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.dtype.torch, **kwargs)
-    model.to(device).eval().requires_grad_(False)
+    # straight onto the device in the preset dtype: no full copy in host memory first
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=cfg.dtype.torch, device_map={"": torch.device(device)}, **kwargs
+    )
+    model.eval().requires_grad_(False)
+    warn_if_slow_linear_attention(config, device)
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     layers = find_decoder_layers(model)
     d_model = model.config.get_text_config().hidden_size
     return LoadedLM(model, tokenizer, layers, d_model, cfg.name_or_path)
+
+
+# Qwen3.5's Gated DeltaNet layers run transformers' slow torch path unless both are importable
+FAST_LINEAR_ATTENTION = {"fla": "flash-linear-attention", "causal_conv1d": "causal-conv1d"}
+
+
+def warn_if_slow_linear_attention(config, device: torch.device | str) -> Optional[str]:
+    """On CUDA, warn (and return the message) when a Qwen3.5 model would run its linear-attention layers
+    without the fast kernels, naming the extra that installs them."""
+    import importlib.util
+    import warnings
+
+    text = config.get_text_config()
+    if torch.device(device).type != "cuda" or "linear_attention" not in (getattr(text, "layer_types", None) or []):
+        return None
+    missing = [pkg for mod, pkg in FAST_LINEAR_ATTENTION.items() if importlib.util.find_spec(mod) is None]
+    if not missing:
+        return None
+    n = list(text.layer_types).count("linear_attention")
+    msg = (
+        f"{n} of this model's {len(text.layer_types)} layers are Gated DeltaNet, which run transformers' slow "
+        f"torch implementation without {' and '.join(missing)}: pip install 'qscope-train[gpu]'"
+    )
+    warnings.warn(msg, stacklevel=3)
+    return msg
 
 
 def weights_digest(name_or_path: str, revision: Optional[str] = None) -> str:

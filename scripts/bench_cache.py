@@ -6,14 +6,23 @@ filters, no writes) and the cache stage over the same tokens. The reader is time
 from those real activations (rows rescaled by 1 + 1% noise so that no two rows repeat), at two
 sizes 4x apart, each read in its own subprocess so that its peak RSS is its own.
 
+With --writer-only it times the cache stage's writer alone instead (no model forward in the timed part):
+real activation rows of a random Qwen3 with d_model 2048 replayed over 28 layers (each layer's copy
+rescaled row-wise by 1 + 1% noise), written by the cache's own writer with one thread and with the
+default pool (data.writer_threads=0), each in its own subprocess, plus the default at 3x the chunks
+for the peak RSS.
+
 Usage: python scripts/bench_cache.py [--tokens 16384] [--threads 2] [--workdir DIR]
+       python scripts/bench_cache.py --writer-only [--writer-chunks 4] [--chunk-rows 4096]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +147,131 @@ def read_bench(cache: Path, layer: int, batch: int, threads: int, seconds: float
     }
 
 
+WRITER_LAYERS = 28
+WRITER_D_MODEL = 2048
+
+
+def writer_rows(root: Path, tokens: int) -> Path:
+    """Real layer-1 activations of a random Qwen3 with the release's width (d_model 2048, 2 layers, the
+    fixtures' tokenizer), saved as bf16 for the writer benchmark to replay."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from qscope_train.config import ModelConfig
+    from qscope_train.data.activations import forward_chunk, make_filter
+    from qscope_train.data.tokens import load_text_dataset, token_stream
+    from qscope_train.lm import load_lm
+    from qscope_train.tiny import build_fixtures
+
+    fx = build_fixtures(root / "fixtures", n_docs=3000)
+    tok = AutoTokenizer.from_pretrained(fx["tiny-qwen3"])
+    torch.manual_seed(0)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=WRITER_D_MODEL,
+        intermediate_size=6144,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(root / "qwen3-2048")
+    tok.save_pretrained(root / "qwen3-2048")
+    lm = load_lm(ModelConfig(name_or_path=str(root / "qwen3-2048")))
+    data = data_config(root / "fixtures" / "corpus.jsonl", tokens)
+    stream = token_stream(load_text_dataset(data), lm.tokenizer, data)
+    seqs = [s for _, s in zip(range(tokens // data.context_len), stream, strict=False)]
+    rows = forward_chunk(lm, [1], seqs, data, make_filter(lm, data), "cpu").rows[1]
+    torch.save(rows, root / "rows.pt")
+    return root / "rows.pt"
+
+
+def write_bench(rows_file: Path, out: Path, threads: int, chunks: int, chunk_rows: int) -> dict:
+    """Runs in a subprocess: the cache stage's writer alone, `chunks` chunks of `chunk_rows` rows for each of
+    28 layers (the real rows, each layer's rescaled row-wise by 1 + 1% noise, so no two layers repeat)."""
+    from qscope_train.config import DataConfig
+    from qscope_train.data.activations import ChunkRows, FilterCounts
+    from qscope_train.data.writer import _Progress, _Writer, codec_for
+
+    torch.set_num_threads(1)
+    real = torch.load(rows_file, weights_only=True).float()
+    real = real.repeat(-(-chunk_rows // real.shape[0]), 1)[:chunk_rows]
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        n: (real * (1 + 0.01 * torch.randn(chunk_rows, 1, generator=g))).to(torch.bfloat16)
+        for n in range(WRITER_LAYERS)
+    }
+    cfg = DataConfig(dataset="unused", writer_threads=threads)
+    counts = {n: FilterCounts() for n in layers}
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    progress = _Progress(out, 0, {"bench_cache": "writer"})
+    writer = _Writer(out, progress, codec_for(cfg), False, cfg.writer_pool())
+    start = time.perf_counter()
+    for c in range(chunks):
+        chunk = ChunkRows(layers, {}, ids, counts, (0, 0))
+        writer.put((c, "train", chunk, {"next_chunk": c + 1, "stream": [0, 0], "medians": {}}))
+    writer.close()
+    seconds = time.perf_counter() - start
+    compressed = writer.bytes
+    raw = chunks * WRITER_LAYERS * chunk_rows * WRITER_D_MODEL * 2
+    return {
+        "tokens_per_s_per_layer": chunks * chunk_rows / seconds,
+        "compression_ratio": raw / compressed,
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": cfg.writer_pool(),
+    }
+
+
+def writer_only(args) -> None:
+    """One JSON line: the writer with one thread and with the default pool, and its peak RSS at two run lengths."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.workdir or Path(scratch)
+        rows = writer_rows(tmp, args.writer_source_tokens)
+
+        def run(threads: int, chunks: int) -> dict:
+            out = tmp / f"writer-{threads}-{chunks}"
+            res = subprocess.run(
+                [sys.executable, __file__, "--_write", str(rows), str(out), str(threads), str(chunks)]
+                + ["--chunk-rows", str(args.chunk_rows)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            shutil.rmtree(out)
+            return json.loads(res.stdout.strip().splitlines()[-1])
+
+        one = run(1, args.writer_chunks)
+        default = run(0, args.writer_chunks)
+        longer = run(0, 3 * args.writer_chunks)
+    print(
+        json.dumps(
+            {
+                "writer_tokens_per_s_per_layer": {
+                    "one_thread": round(one["tokens_per_s_per_layer"], 1),
+                    "default": round(default["tokens_per_s_per_layer"], 1),
+                },
+                "default_over_one_thread": round(default["tokens_per_s_per_layer"] / one["tokens_per_s_per_layer"], 3),
+                "compression_ratio": round(default["compression_ratio"], 3),
+                "writer_peak_rss_mb": {
+                    f"{args.writer_chunks}_chunks": round(default["peak_rss_mb"], 1),
+                    f"{3 * args.writer_chunks}_chunks": round(longer["peak_rss_mb"], 1),
+                },
+                "settings": {
+                    "d_model": WRITER_D_MODEL,
+                    "layers": WRITER_LAYERS,
+                    "chunk_rows": args.chunk_rows,
+                    "chunks": args.writer_chunks,
+                    "default_threads": default["threads"],
+                    "cores": len(os.sched_getaffinity(0)),
+                    "codec": "bfloat16, byte-split, zstd level 1, frame checksum",
+                },
+            }
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384, help="training tokens to forward and cache")
@@ -155,7 +289,23 @@ def main() -> None:
     )
     p.add_argument("--workdir", type=Path, help="keep the model and caches here (default: a temporary directory)")
     p.add_argument("--_read", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--writer-only",
+        action="store_true",
+        help="time the cache writer alone (no model forward): real d_model-2048 rows replayed over 28 layers",
+    )
+    p.add_argument("--writer-chunks", type=int, default=4, help="chunks the writer benchmark writes (and 3x that)")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows per layer and chunk in the writer benchmark")
+    p.add_argument("--writer-source-tokens", type=int, default=8192, help="tokens forwarded for the replayed rows")
+    p.add_argument("--_write", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args._write:
+        rows, out, threads, chunks = args._write
+        print(json.dumps(write_bench(Path(rows), Path(out), int(threads), int(chunks), args.chunk_rows)))
+        return
+    if args.writer_only:
+        writer_only(args)
+        return
     if args._read:
         print(
             json.dumps(

@@ -74,6 +74,14 @@ def test_manifest_records_layout_tokens_and_drops(cached):
     assert m["raw_bytes"] / m["compressed_bytes"] > 1.2
 
 
+def test_the_writer_pool_writes_the_same_cache_as_one_thread(cached, tmp_path):
+    cfg, _, m = cached  # written with data.writer_threads=0: one thread per core
+    one = _cfg(tmp_path, "data.writer_threads=1")
+    run(one, Accelerator(cpu=True))
+    m1 = shards.read_manifest(tmp_path / "cache")
+    assert m1["splits"] == m["splits"]  # every shard's bytes (sha256), rows and order
+
+
 def test_written_equals_read_bitwise(cached, lm):
     cfg, root, m = cached
     codec = Codec(**m["codec"])

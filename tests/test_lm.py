@@ -87,3 +87,20 @@ def test_non_qwen_model_is_refused(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_type 'llama'"):
         load_lm(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_qwen3_5_on_cuda_without_the_fast_kernels_warns_and_names_the_extra(fixtures_dir):
+    import importlib.util
+
+    import pytest
+    from transformers import AutoConfig
+
+    from qscope_train.lm import warn_if_slow_linear_attention
+
+    if importlib.util.find_spec("fla") and importlib.util.find_spec("causal_conv1d"):
+        pytest.skip("the fast kernels are installed here")
+    qwen35 = AutoConfig.from_pretrained(fixtures_dir / "tiny-qwen3_5")
+    with pytest.warns(UserWarning, match=r"2 of this model's 4 layers are Gated DeltaNet.*qscope-train\[gpu\]"):
+        warn_if_slow_linear_attention(qwen35, "cuda")
+    assert warn_if_slow_linear_attention(qwen35, "cpu") is None  # the CPU has no fast path to miss
+    assert warn_if_slow_linear_attention(AutoConfig.from_pretrained(fixtures_dir / "tiny-qwen3"), "cuda") is None

@@ -4,6 +4,7 @@ ReaderConfig how the fit stage gets its batches (the cache or the model, shuffli
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
@@ -82,6 +83,9 @@ class DataConfig:
     """zstandard level of the shards."""
     store_tokens: bool = False
     """Also store token ids and, per layer, the position of every kept row."""
+    writer_threads: int = operational(0)
+    """Threads that compress, hash and write the cache's shards (one job per layer's shard); 0: one per
+    CPU core, at most 8. The shards' bytes do not depend on it."""
     drop_first_position: bool = True
     """Drop position 0 of each sequence (the attention sink, norm far above the rest)."""
     drop_special_tokens: bool = True
@@ -109,8 +113,14 @@ class DataConfig:
             )
         if self.outlier_norm_factor < 0:
             raise ConfigError(f"data.outlier_norm_factor must be >= 0, got {self.outlier_norm_factor}")
+        if self.writer_threads < 0:
+            raise ConfigError(f"data.writer_threads must be >= 0 (0: one per core), got {self.writer_threads}")
         if not 1 <= self.zstd_level <= 22:
             raise ConfigError(f"data.zstd_level must be in 1..22, got {self.zstd_level}")
+
+    def writer_pool(self) -> int:
+        """writer_threads with 0 resolved to this machine's cores (at most 8)."""
+        return self.writer_threads or max(1, min(8, len(os.sched_getaffinity(0))))
 
     @property
     def shard_sequences(self) -> int:

@@ -57,7 +57,7 @@ class Codec:
         if self.byte_split and self.itemsize == 2:
             raw = raw.reshape(-1, 2).T  # plane 0: low bytes, plane 1: high bytes (little endian)
         zc = zstandard.ZstdCompressor(level=self.level, write_checksum=self.frame_checksum, write_content_size=True)
-        return zc.compress(np.ascontiguousarray(raw).tobytes())
+        return zc.compress(np.ascontiguousarray(raw))  # compress reads the array's buffer: no bytes copy
 
     @property
     def planes(self) -> int:

@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -115,51 +116,80 @@ class _Progress:
         return out
 
 
-def _write_chunk(root: Path, c: int, split: str, chunk: ChunkRows, codec: Codec, store_tokens: bool) -> dict:
-    entry = {"chunk": c, "split": split, "sequences": int(chunk.input_ids.shape[0]), "layers": {}}
+def _submit_chunk(
+    pool: ThreadPoolExecutor, root: Path, c: int, split: str, chunk: ChunkRows, codec: Codec, store_tokens: bool
+):
+    """Start one job per file of the chunk (each layer's shard, and with store_tokens its positions and
+    the token ids); returns {name: future of its ShardRecord}."""
     ids_codec = Codec("int32", False, codec.level, codec.frame_checksum)
+    jobs = {}
     for n, rows in chunk.rows.items():
-        rec = shards.write_shard(root, f"{split}/layer{n}/shard-{c:06d}.zst", rows, codec)
-        entry["layers"][str(n)] = {"shard": asdict(rec), "filters": asdict(chunk.counts[n])}
+        jobs[("shard", n)] = pool.submit(shards.write_shard, root, f"{split}/layer{n}/shard-{c:06d}.zst", rows, codec)
         if store_tokens:
-            pos = shards.write_shard(root, f"{split}/layer{n}/positions-{c:06d}.zst", chunk.positions[n], ids_codec)
-            entry["layers"][str(n)]["positions"] = asdict(pos)
+            rel = f"{split}/layer{n}/positions-{c:06d}.zst"
+            jobs[("positions", n)] = pool.submit(shards.write_shard, root, rel, chunk.positions[n], ids_codec)
     if store_tokens:
-        entry["token_ids"] = asdict(shards.write_shard(root, f"{split}/tokens-{c:06d}.zst", chunk.input_ids, ids_codec))
+        jobs[("tokens", None)] = pool.submit(
+            shards.write_shard, root, f"{split}/tokens-{c:06d}.zst", chunk.input_ids, ids_codec
+        )
+    return jobs
+
+
+def _entry(c: int, split: str, chunk: ChunkRows, recs: dict) -> dict:
+    """The progress-log line of a chunk whose files are all written."""
+    entry = {"chunk": c, "split": split, "sequences": int(chunk.input_ids.shape[0]), "layers": {}}
+    for n in chunk.rows:
+        entry["layers"][str(n)] = {"shard": asdict(recs[("shard", n)]), "filters": asdict(chunk.counts[n])}
+        if ("positions", n) in recs:
+            entry["layers"][str(n)]["positions"] = asdict(recs[("positions", n)])
+    if ("tokens", None) in recs:
+        entry["token_ids"] = asdict(recs[("tokens", None)])
     return entry
 
 
 class _Writer:
-    """Compresses and commits chunks on a background thread so the forward pass never waits on disk."""
+    """Writes chunks while the forward pass goes on: a pool of `threads` compresses, hashes and writes
+    every file of a chunk at once (zstd, sha256 and file writes run without Python's lock), and a
+    committer thread records chunks in the progress log in order, each once all its files are on disk.
+    put() blocks while `depth` chunks wait, so memory stays flat however many chunks a run writes."""
 
-    def __init__(self, root: Path, progress: _Progress, codec: Codec, store_tokens: bool, depth: int = 2) -> None:
+    def __init__(
+        self, root: Path, progress: _Progress, codec: Codec, store_tokens: bool, threads: int = 1, depth: int = 2
+    ) -> None:
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.bytes = 0
-        self._args = (root, codec, store_tokens)
+        self._root, self._codec, self._store_tokens = root, codec, store_tokens
         self._progress = progress
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="qscope-writer")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self.q.get()) is not None:
-            if self.error is None:
-                try:
-                    c, split, chunk, state = item
-                    entry = _write_chunk(self._args[0], c, split, chunk, *self._args[1:])
+            c, split, chunk, jobs, state = item
+            try:
+                recs = {name: fut.result() for name, fut in jobs.items()}
+                if self.error is None:
+                    entry = _entry(c, split, chunk, recs)
                     self._progress.commit(entry, state)
                     self.bytes += sum(v["shard"]["nbytes"] for v in entry["layers"].values())
-                except BaseException as e:  # surfaced to the producer on its next put/close
+            except BaseException as e:  # surfaced to the producer on its next put/close
+                if self.error is None:
                     self.error = e
 
     def put(self, item) -> None:
+        """Queue (chunk index, split, ChunkRows, resume state after it) for writing."""
         if self.error:
             raise self.error
-        self.q.put(item)
+        c, split, chunk, state = item
+        jobs = _submit_chunk(self._pool, self._root, c, split, chunk, self._codec, self._store_tokens)
+        self.q.put((c, split, chunk, jobs, state))
 
     def close(self) -> None:
         self.q.put(None)
         self._thread.join()
+        self._pool.shutdown(wait=True)
         if self.error:
             raise self.error
 
@@ -175,10 +205,13 @@ def build_cache(
     rank: int = 0,
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
+    digest: str | None = None,
 ) -> dict:
-    """Write (or finish) the cache under root and return its manifest."""
+    """Write (or finish) the cache under root and return its manifest. `digest` is weights_digest() of the
+    model when the caller has it (the cache stage computes it once and shares it across ranks)."""
     model_dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
-    fp = cache_fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype, weights_digest(lm.name, revision))
+    digest = weights_digest(lm.name, revision) if digest is None else digest
+    fp = cache_fingerprint(lm.name, revision, layer_ids, cfg, world, model_dtype, digest)
     if (root / shards.MANIFEST).is_file():
         old = shards.read_manifest(root)
         if old.get("fingerprint") == fp:
@@ -195,7 +228,7 @@ def build_cache(
     medians = {s: {int(n): RunningMedian(m) for n, m in saved["medians"].get(s, {}).items()} for s in SPLITS}
     filters = {s: make_filter(lm, cfg, medians[s]) for s in SPLITS}
     stream = token_stream(load_text_dataset(cfg), lm.tokenizer, cfg, StreamState(*saved["stream"]))
-    writer = _Writer(root, prog, codec_for(cfg), cfg.store_tokens)
+    writer = _Writer(root, prog, codec_for(cfg), cfg.store_tokens, cfg.writer_pool())
     mine = [c for c in range(start, total) if c % world == rank]
     with progress(total=len(mine) * cfg.shard_tokens, desc=f"cache[rank {rank}]", unit="tok") as bar:
         try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.writer import build_cache
-from ..lm import load_lm
+from ..lm import load_lm, weights_digest
 from ..rundir import RunDirs
 from ..tracking import Tracker
 
@@ -15,6 +15,13 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     """Write (or finish, or reuse) the cache under run_dir/cache; every rank writes its own chunks.
     Returns the manifest."""
     lm = load_lm(cfg.model, accelerator.device)
+    digest = None
+    if accelerator.is_main_process:  # one process reads the weight files; the others get its digest
+        digest = weights_digest(cfg.model.name_or_path, cfg.model.revision)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        digest = broadcast_object_list([digest])[0]
     manifest = build_cache(
         lm,
         cfg.layers,
@@ -26,6 +33,7 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
         rank=accelerator.process_index,
         world=accelerator.num_processes,
         barrier=accelerator.wait_for_everyone,
+        digest=digest,
     )
     for split, info in manifest["splits"].items():
         tracker.log("cache", 0, {int(n): lay["filters"] for n, lay in info["layers"].items()}, split=split)
