@@ -120,8 +120,19 @@ def forward_chunk(
     device: torch.device | str,
     out_device: torch.device | str | None = None,
 ) -> ChunkRows:
-    """Truncated forwards over one chunk of sequences; filtered rows per layer, in the cache dtype."""
+    """Truncated forwards over one chunk of sequences; filtered rows per layer, in the cache dtype.
+
+    With the model on a GPU and out_device the CPU, rows cross into page-locked memory without blocking,
+    and the chunk waits for its copies once, at its end."""
     dtype = cfg.cache_dtype.torch
+    to_host = out_device is not None and torch.device(out_device).type == "cpu" and torch.device(device).type == "cuda"
+
+    def out(t: Tensor) -> Tensor:
+        if not to_host:
+            return t.to(out_device or t.device)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
     rows: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     pos: dict[int, list[Tensor]] = {n: [] for n in layer_ids}
     counts = {n: FilterCounts() for n in layer_ids}
@@ -138,9 +149,11 @@ def forward_chunk(
             c.dropped_outlier = int((~ok).sum())
             c.kept = int(ok.sum())
             counts[n].add(c)
-            rows[n].append(x_ND[ok].to(dtype).to(out_device or x_ND.device))
-            pos[n].append(flat_pos[ok].to(torch.int32).to(out_device or x_ND.device))
+            rows[n].append(out(x_ND[ok].to(dtype)))
+            pos[n].append(out(flat_pos[ok].to(torch.int32)))
         offset += ids_BT.numel()
+    if to_host:
+        torch.cuda.current_stream(torch.device(device)).synchronize()  # every copy of the chunk has landed
     return ChunkRows(
         {n: torch.cat(r) for n, r in rows.items()},
         {n: torch.cat(p) for n, p in pos.items()},
@@ -193,6 +206,7 @@ def positioned_live_chunks(
     world: int = 1,
     epochs: int | None = 1,
     start: dict | None = None,
+    out_device=None,
 ) -> Iterator[tuple[ChunkRows, dict]]:
     """live_chunks from `start` (a position this function gave, or START), each chunk with the position
     after it. Restarting at a position re-reads the text before it only as far as the documents it
@@ -216,7 +230,7 @@ def positioned_live_chunks(
             if c < chunks.start or c % world != rank:
                 continue
             produced = True
-            chunk = forward_chunk(lm, layers, seqs, cfg, filt, device)
+            chunk = forward_chunk(lm, layers, seqs, cfg, filt, device, out_device)
             medians_now = {str(n): m.state() for n, m in filt.medians.items()}
             yield chunk, {"epoch": epoch, "chunk": c + 1, "stream": list(seqs[-1].state), "medians": medians_now}
         if not produced:

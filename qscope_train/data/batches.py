@@ -229,20 +229,13 @@ class LiveBatches(LayerBatches):
     """Live batches that resume exactly: the state holds each layer's shuffle-buffer position, which
     names the chunk its current fill started at (see positioned_live_chunks)."""
 
-    def __init__(self, buffers: dict[int, ShuffledBatches], fan: _FanOut, device) -> None:
+    def __init__(self, buffers: dict[int, ShuffledBatches], fan: _FanOut) -> None:
         super().__init__(buffers)
-        self.fan, self.device = fan, device
+        self.fan = fan
 
     def __iter__(self) -> Iterator[dict[int, Tensor]]:
         self.fan.start(min((b.state["pos"] for b in self.buffers.values()), key=_key))
         return super().__iter__()
-
-    def load_state_dict(self, state: dict) -> None:
-        for n, b in self.buffers.items():
-            st = dict(state[str(n)])
-            if st["carry"] is not None:
-                st["carry"] = st["carry"].to(self.device)  # the live rows it joins are on the device
-            b.load_state_dict(st)
 
 
 def live_batches(
@@ -261,13 +254,15 @@ def live_batches(
 ) -> LayerBatches:
     """The batches cached_batches gives with shuffle_shards=False, computed from the model (no disk).
 
-    Rows are rounded to the cache dtype first, exactly as the cache stores them. The source resumes
+    Rows are rounded to the cache dtype first, exactly as the cache stores them, and kept in host memory
+    (page-locked when the model is on a GPU), so the shuffle buffers take no device memory. The source resumes
     exactly from its state_dict(): the stream restarts at the chunk where each layer's current shuffle
     fill began, skipping the text before it without running the model over it.
     """
 
     def chunks_from(pos: dict) -> Iterator[tuple[dict[int, Tensor], dict]]:
-        for chunk, after in positioned_live_chunks(lm, layers, data, split, device, rank, world, epochs, pos):
+        chunks = positioned_live_chunks(lm, layers, data, split, device, rank, world, epochs, pos, out_device="cpu")
+        for chunk, after in chunks:
             yield chunk.rows, after
 
     fan = _FanOut(chunks_from, layers)
@@ -277,4 +272,4 @@ def live_batches(
         )
         for n in layers
     }
-    return LiveBatches(buffers, fan, device)
+    return LiveBatches(buffers, fan)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -53,10 +54,15 @@ class Prefetched:
             yield item
 
     def _produce(self, q: queue.Queue) -> None:
+        # on a GPU, whatever device work the source does (a live source's model forward) goes on a
+        # stream of its own, beside the training step's kernels; its rows reach this thread's consumer
+        # in host memory, and forward_chunk waits for its own copies, so no event crosses the streams
+        side = torch.cuda.stream(torch.cuda.Stream()) if self.pin and torch.cuda.is_available() else nullcontext()
         try:
-            for item in self._items():
-                if not self._put(q, item):
-                    return
+            with side:
+                for item in self._items():
+                    if not self._put(q, item):
+                        return
         except BaseException as e:  # noqa: BLE001 - handed to the training thread, which raises it
             self._put(q, e)
             return

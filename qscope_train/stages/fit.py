@@ -169,8 +169,19 @@ def activation_source(cfg: RunConfig, dirs: RunDirs, layers: list[int], device, 
     if cfg.reader.source is ActivationSource.live:
         lm = load_lm(cfg.model, device)
         steps = cfg.trainer.max_steps or max(1, cfg.data.train_tokens // cfg.trainer.batch_size)
+        # as from the cache: on a GPU the rows cross the bus in the cache dtype and widen there
+        out_dtype = cfg.data.cache_dtype.torch if torch.device(device).type == "cuda" else torch.float32
         batches = live_batches(
-            lm, layers, local_batch, cfg.data, cfg.reader, cfg.trainer.seed, device, rank=rank, world=world
+            lm,
+            layers,
+            local_batch,
+            cfg.data,
+            cfg.reader,
+            cfg.trainer.seed,
+            device,
+            rank=rank,
+            world=world,
+            out_dtype=out_dtype,
         )
         return Source(batches, steps, lm.d_model, lm.name, None)
     manifest = cache_manifest(cfg, dirs)
