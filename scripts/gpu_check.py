@@ -13,6 +13,10 @@ its own subprocess with its own time limit, so that one failure does not hide th
                  free memory: fit tokens/s against the bare step's
   tiny_pipeline  make_tiny_model + qscope-train experiment=demo (cache, fit, evaluate, export) on the
                  device: wall time and held-out FVU per layer
+  tiny_live_fit  the demo's fit from live activations: training tokens/s (from its log)
+  random_qwen3, qwen3_shape_cache, qwen3_shape_live_fit
+                 a random Qwen3 of Qwen3-1.7B's shape: the cache stage over all 28 layers (tokens/s,
+                 model loading included), then a live fit of layer 14 (training tokens/s)
 
 --dry-run runs the same checks on the CPU at small shapes (the CUDA tests then skip, and that is
 allowed). The summary is printed as the last line and written to <out>/gpu_check.json, with every
@@ -108,6 +112,17 @@ def env_check(cuda: bool) -> dict:
     return {"ok": ok, "result": info, "seconds": 0.0}
 
 
+def fit_rate(run_dir: Path) -> dict:
+    """Training tokens/s of a fit from its log.jsonl: steps between its first and last log lines over the
+    time between them (model loading and the first step left out)."""
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    fit = [e for e in lines if e["stage"] == "fit"]
+    side = json.loads(next((run_dir / "fit").glob("layer*.json")).read_text())
+    batch = side["train"]["tokens_trained"] // side["train"]["steps"]
+    steps, seconds = fit[-1]["step"] - fit[0]["step"], fit[-1]["time"] - fit[0]["time"]
+    return {"tokens_per_s": round(steps * batch / seconds, 1), "steps_timed": steps, "batch": batch}
+
+
 def pytest_counts(stdout: str) -> dict:
     """passed/skipped/failed counts from pytest's last line."""
     counts = {}
@@ -196,8 +211,39 @@ def main() -> None:
         demo = [py, "-m", "qscope_train.cli", "experiment=demo", f"run_dir={run_dir}"]
         if not cuda:
             demo += ["data.train_tokens=65536", "data.eval_tokens=8192"]
+        fx_env = {"QSCOPE_FIXTURES": str(fixtures)}
         if r.checks["tiny_fixtures"]["ok"]:
-            r.run("tiny_pipeline", demo, 300, pipeline_result, env={"QSCOPE_FIXTURES": str(fixtures)})
+            r.run("tiny_pipeline", demo, 300, pipeline_result, env=fx_env)
+            live_dir = Path(tmp) / "demo-live"
+            live = [py, "-m", "qscope_train.cli", "experiment=demo", f"run_dir={live_dir}", "stages=[fit]"]
+            live += ["reader.source=live", f"trainer.max_steps={200 if cuda else 40}", "trainer.log_every=10"]
+            r.run("tiny_live_fit", live, 240, lambda out: fit_rate(live_dir), env=fx_env)
+
+        # a random Qwen3 of the real 1.7B shape (a reduced one in a dry run): the cache stage over all
+        # 28 layers, then a live fit of one layer, each timed
+        big, big_dir = Path(tmp) / "qwen3-shape", Path(tmp) / "qwen3-run"
+        shape = "qwen3-1.7b" if cuda else "reduced"
+        made = r.run(
+            "random_qwen3",
+            [py, "scripts/make_random_qwen3.py", "--out", str(big), "--fixtures", str(fixtures), "--shape", shape]
+            + ["--device", device],
+            180,
+        )
+        if made["ok"]:
+            n_layers = 28 if cuda else 4
+            tokens = 131072 if cuda else 16384
+            common = ["experiment=qwen3_1.7b_base_w32k_k100", f"model.name_or_path={big}"]
+            common += [f"data.dataset={fixtures / 'corpus.jsonl'}", "data.context_len=1024"]
+            common += [f"data.train_tokens={tokens}", "data.eval_tokens=8192"]
+            cache = [py, "-m", "qscope_train.cli", *common, f"run_dir={big_dir}", "stages=[cache]"]
+            cache += [f"layers=[{','.join(map(str, range(n_layers)))}]", "data.shard_tokens=16384"]
+            rec = r.run("qwen3_shape_cache", cache, 240, lambda out: {"tokens": tokens + 8192})
+            if rec["ok"]:
+                rec["result"]["tokens_per_s_with_load"] = round(rec["result"]["tokens"] / rec["seconds"], 1)
+            live_big = [py, "-m", "qscope_train.cli", *common, f"run_dir={big_dir}-live", "stages=[fit]"]
+            live_big += ["reader.source=live", f"trainer.max_steps={40 if cuda else 4}", "trainer.log_every=5"]
+            live_big += ["layers=[14]"] if cuda else ["layers=[2]", "sae.d_sae=2048", "trainer.batch_size=512"]
+            r.run("qwen3_shape_live_fit", live_big, 240, lambda out: fit_rate(Path(f"{big_dir}-live")))
 
     fig = {}
     if bf16["ok"]:
@@ -216,6 +262,16 @@ def main() -> None:
             fit_over_step=res["ratio"],
             layer_groups=res["settings"]["layer_groups"],
         )
+    for name, key in (
+        ("tiny_live_fit", "tiny_live_fit_tokens_per_s"),
+        ("qwen3_shape_live_fit", "qwen3_shape_live_fit_tokens_per_s"),
+    ):
+        if r.checks.get(name, {}).get("ok"):
+            fig[key] = r.checks[name]["result"]["tokens_per_s"]
+    if r.checks.get("qwen3_shape_cache", {}).get("ok"):
+        fig["qwen3_shape_cache_tokens_per_s_with_load"] = r.checks["qwen3_shape_cache"]["result"][
+            "tokens_per_s_with_load"
+        ]
     summary = {
         "gpu_check": "dry-run" if a.dry_run else "cuda",
         "device": r.checks["env"]["result"]["device"],

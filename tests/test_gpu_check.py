@@ -33,9 +33,15 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
         "fit_28_layers",
         "tiny_fixtures",
         "tiny_pipeline",
+        "tiny_live_fit",
+        "random_qwen3",
+        "qwen3_shape_cache",
+        "qwen3_shape_live_fit",
     }
     assert checks["cuda_tests"]["result"]["skipped"] >= 5  # collected, and skipped without CUDA
     assert summary["figures"]["ours_tokens_per_s_bf16"] > 0 and summary["figures"]["fit_tokens_per_s"] > 0
     fvu = checks["tiny_pipeline"]["result"]["heldout_fvu"]
     assert set(fvu) == {"1", "2"} and all(v < 0.5 for v in fvu.values())
     assert "===== tiny_pipeline" in (tmp_path / "gpu_check.log").read_text()
+    assert checks["tiny_live_fit"]["result"]["tokens_per_s"] > 0
+    assert checks["qwen3_shape_live_fit"]["result"]["tokens_per_s"] > 0
