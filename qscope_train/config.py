@@ -50,6 +50,7 @@ class Stage(Enum):
     evaluate = "evaluate"
     export = "export"
     adapt = "adapt"  # before/after report and feature drift against init_from (adaptation runs)
+    browse = "browse"  # per-feature pages: top contexts, logit lens, histograms, as a static site
 
 
 class Activation(Enum):
@@ -280,6 +281,39 @@ class EvalConfig:
 
 
 @dataclass
+class BrowseConfig:
+    """The feature browser (browse stage): what it computes per feature over the held-out split."""
+
+    tokens: int = 0
+    """Held-out tokens to scan (the model runs over them twice); 0: the whole held-out split."""
+    top_n: int = 20
+    """Top-activating examples kept per feature."""
+    window: int = 8
+    """Context tokens shown on each side of an example's token."""
+    bands: int = 4
+    """Lower examples come from the ranges (0, max/bands], ... below the top range."""
+    per_band: int = 2
+    """Examples per lower range (the first ones met in the held-out stream)."""
+    logit_tokens: int = 10
+    """Tokens listed at each end of a feature's logit lens."""
+    neighbours: int = 8
+    """Nearest features by decoder cosine listed per feature."""
+    prompts: list[str] = field(default_factory=list)
+    """Texts whose tokens get a page of the features firing on each (the release app's analyze view)."""
+    prompt_features: int = 5
+    """Features listed per prompt token."""
+
+    def __post_init__(self) -> None:
+        for name in ("top_n", "bands", "per_band", "logit_tokens", "neighbours", "prompt_features"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"browse.{name} must be positive, got {getattr(self, name)}")
+        if self.window < 0 or self.tokens < 0:
+            raise ConfigError("browse.window and browse.tokens must be >= 0")
+        if self.bands < 2:
+            raise ConfigError(f"browse.bands must be at least 2 (the top range and one below), got {self.bands}")
+
+
+@dataclass
 class WandbConfig:
     """Weights & Biases logging (the JSONL log in the run directory is always written)."""
 
@@ -301,7 +335,7 @@ class RunConfig:
     """Directory for every stage's outputs (cache/, fit/, eval/, export/, log.jsonl)."""
     stages: list[Stage] = field(default_factory=lambda: [Stage.cache, Stage.fit, Stage.evaluate, Stage.export])
     """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in the order
-    cache, fit, evaluate, export, adapt."""
+    cache, fit, evaluate, export, adapt, browse."""
     layers: list[int] = MISSING
     """Decoder layer indices n whose output (residual stream after block n) gets an SAE."""
     init_from: Optional[str] = None
@@ -317,6 +351,7 @@ class RunConfig:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    browse: BrowseConfig = field(default_factory=BrowseConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -327,6 +362,6 @@ class RunConfig:
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers has duplicates: {list(self.layers)}")
         if not self.stages:
-            raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt")
+            raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt, browse")
         if Stage.adapt in self.stages and self.init_from is None:
             raise ConfigError("stages has adapt, which compares against the source SAEs: set init_from")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -160,3 +161,25 @@ def neighbours(W_dec: Tensor, k: int, chunk: int = 1024) -> tuple[Tensor, Tensor
         idx.append(best.indices)
         cos.append(best.values)
     return torch.cat(idx), torch.cat(cos)
+
+
+def specificity(top_ids: Tensor, center: int) -> Tensor:
+    """Per feature, the share of its top-N slots whose example's own token is the most common one among
+    them (1.0: all N top examples peak on the same token, such as one digit or one word; a feature
+    with fewer than N examples cannot reach 1)."""
+    own = top_ids[:, :, center].long()  # (d_sae, n)
+    valid = own >= 0
+    out = torch.zeros(own.shape[0])
+    for f in valid.any(1).nonzero().flatten().tolist():
+        toks = own[f][valid[f]]
+        out[f] = torch.bincount(toks).max().float() / own.shape[1]
+    return out
+
+
+def drift(trained_W_dec: Tensor, source_W_dec: Optional[Tensor]) -> Optional[Tensor]:
+    """1 - cosine between each feature's trained and source decoder directions (None without a source)."""
+    if source_W_dec is None:
+        return None
+    a = torch.nn.functional.normalize(trained_W_dec.detach().cpu().float(), dim=0)
+    s = torch.nn.functional.normalize(source_W_dec.detach().cpu().float(), dim=0)
+    return 1 - (a * s).sum(0)

@@ -1,0 +1,131 @@
+"""The browse stage: per-feature statistics equal a brute-force pass, specific features come first, and
+the static site shows a person the feature, its highlighted contexts, logit lens and histogram when
+opened from file:// in headless Chromium."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from qscope_train.cli import compose
+from qscope_train.features import HIST_BINS, hist_bin
+from qscope_train.lm import load_lm
+from qscope_train.load import load_sae
+from qscope_train.pipeline import run
+from qscope_train.stages.browse import _held_out, codes, collect
+from qscope_train.tracking import NullBar
+
+SETTINGS = [
+    "experiment=demo",
+    "data.train_tokens=131072",
+    "data.eval_tokens=16384",
+    "data.shard_tokens=8192",
+    "trainer.batch_size=512",
+    "browse.tokens=16384",
+    "browse.top_n=8",
+    "browse.window=4",
+    'browse.prompts=["the cat sat on the mat . 12 + 7 = 19"]',
+]
+
+
+@pytest.fixture(scope="module")
+def browsed(fixtures_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("browse")
+    cfg = compose([*SETTINGS, f"run_dir={run_dir}", "stages=[cache,fit,browse]"])
+    run(cfg, Accelerator(cpu=True))
+    return cfg, run_dir
+
+
+def _js_data(path: Path):
+    """The arguments of the loader call in one of the site's data files."""
+    text = path.read_text()
+    args = text[text.index("(") + 1 : text.rindex(")")]
+    return json.loads(f"[{args}]")
+
+
+def test_feature_statistics_equal_a_brute_force_pass(browsed):
+    cfg, run_dir = browsed
+    lm = load_lm(cfg.model)
+    sae = load_sae(run_dir / "fit" / "layer1.sae.pt")
+    got = collect(lm, {1: sae}, cfg, "cpu", NullBar)[1]
+    dense, ids, tok_index = [], [], []
+    for chunk, offset in _held_out(lm, cfg, "cpu"):
+        idx, val = codes(sae, chunk.rows[1])
+        dense.append(torch.zeros(idx.shape[0], sae.d_sae).scatter_(1, idx, val))
+        tok_index.append(offset + chunk.positions[1].long())
+        ids.append(chunk.input_ids.flatten())
+    A, T, stream = torch.cat(dense), torch.cat(tok_index), torch.cat(ids)
+    assert got.first.tokens == A.shape[0]
+    fires = (A > 0).sum(0)
+    assert torch.equal(got.first.fires, fires)
+    checked = 0
+    for f in fires.nonzero().flatten().tolist()[:200]:
+        col = A[:, f]
+        rows = sorted((r for r in range(A.shape[0]) if col[r] > 0), key=lambda r: (-col[r].item(), T[r].item()))[:8]
+        want = [T[r].item() for r in rows]
+        assert got.first.top.tok[f, : len(want)].tolist() == want, f
+        assert torch.equal(got.first.hist[f], torch.bincount(hist_bin(col[col > 0]), minlength=HIST_BINS))
+        # the context around each top example: the stream's own tokens, the feature's activation at the centre
+        for j, t in enumerate(want):
+            assert got.top_windows.ids[f, j, 4].item() == stream[t].item()
+            assert got.top_windows.acts[f, j, 4].item() == pytest.approx(col[rows[j]].item())
+        checked += 1
+    assert checked > 50
+
+
+def test_specific_features_come_first_in_the_index(browsed):
+    _, run_dir = browsed
+    layer, index = _js_data(run_dir / "browse" / "data" / "layer2" / "index.js")
+    order = sorted(range(len(index["spec"])), key=lambda i: (-index["spec"][i], -index["freq"][i], i))
+    first = order[:5]
+    assert all(index["spec"][i] == 1.0 for i in first), [index["spec"][i] for i in first]
+    meta = _js_data(run_dir / "browse" / "data" / "meta.js")[0]
+    for f in first:
+        _, _, feats = _js_data(run_dir / "browse" / "data" / "layer2" / f"b{f // meta['bucket']}.js")
+        rec = feats[f % meta["bucket"]]
+        centre = {ex[0][meta["window"]] for ex in rec["top"]}
+        assert len(rec["top"]) == 8 and len(centre) == 1  # every top context peaks on the same token
+    vocab = _js_data(run_dir / "browse" / "data" / "vocab.js")[0]
+    print("specific features of layer 2:", [(f, vocab[str(index["token"][f])]) for f in first])
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium package)")
+    return exe
+
+
+def _dom(url: str) -> str:
+    res = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout
+
+
+def test_index_and_feature_pages_render_from_file_urls_in_chromium(browsed):
+    _, run_dir = browsed
+    site = run_dir / "browse"
+    index = _dom((site / "index.html").as_uri())
+    rows = re.findall(r'<tr data-id="(\d+)"', index)
+    assert len(rows) == 100  # the first page of the layer's features, drawn by the script
+    assert "features match" in index
+    f = int(rows[0])
+    page = _dom((site / "feature.html").as_uri() + f"#layer=1&id={f}")
+    assert f"Feature {f} · layer 1" in page
+    # highlighted context tokens (lazily loaded from the feature's data file), the logit lens, the histogram
+    assert len(re.findall(r'class="tok centre"[^>]*style="background: rgba?\(255, 120, 0', page)) == 8
+    lens = re.search(r'<div class="promoted">promotes: (.*?)</div>', page).group(1)
+    assert len(re.findall(r"<span", lens)) == 10
+    assert page.count("<rect") == HIST_BINS
+    prompts = _dom((site / "prompts.html").as_uri())
+    assert "the cat sat on the mat" in prompts and "feature.html#layer=2&amp;id=" in prompts
