@@ -123,7 +123,8 @@ def test_index_and_feature_pages_render_from_file_urls_in_chromium(browsed):
     page = _dom((site / "feature.html").as_uri() + f"#layer=1&id={f}")
     assert f"Feature {f} · layer 1" in page
     # highlighted context tokens (lazily loaded from the feature's data file), the logit lens, the histogram
-    assert len(re.findall(r'class="tok centre"[^>]*style="background: rgba?\(255, 120, 0', page)) == 8
+    top = page.split("<h2>Top activations</h2>")[1].split("<h2>")[0]
+    assert len(re.findall(r'class="tok centre"[^>]*style="background: rgba?\(255, 120, 0', top)) == 8
     lens = re.search(r'<div class="promoted">promotes: (.*?)</div>', page).group(1)
     assert len(re.findall(r"<span", lens)) == 10
     assert page.count("<rect") == HIST_BINS
