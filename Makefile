@@ -23,8 +23,10 @@ $(FIXTURES)/fixtures.json: $(STAMP) qscope_train/tiny.py
 
 # the demo trains SAEs on the tiny base model, then adapts them to its chat-tuned variant
 demo: fixtures
-	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo
-	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt
+	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo \
+		'stages=[cache,fit,evaluate,export,browse]'
+	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt \
+		'stages=[cache,fit,evaluate,export,adapt,browse]'
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

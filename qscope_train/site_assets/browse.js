@@ -109,7 +109,9 @@ var qscope = (function () {
     if (!m.has_source) {
       document.querySelectorAll(".drift, option[value=drift]").forEach(function (e) { e.style.display = "none"; });
     }
-    var q = params(); if (q.layer) sel.value = q.layer; if (q.sort) document.getElementById("sort").value = q.sort;
+    var q = params(); if (q.layer) sel.value = q.layer;
+    // an adaptation's index opens on the most-changed features
+    document.getElementById("sort").value = q.sort || (m.has_source ? "drift" : "spec");
     function draw() {
       var layer = +sel.value;
       if (!S.index[layer]) { load("data/layer" + layer + "/index.js", "index" + layer, draw); return; }
