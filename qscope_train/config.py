@@ -302,6 +302,10 @@ class BrowseConfig:
     """Texts whose tokens get a page of the features firing on each (the release app's analyze view)."""
     prompt_features: int = 5
     """Features listed per prompt token."""
+    neuronpedia_model_id: Optional[str] = None
+    """model_id in the Neuronpedia export; None: the model name's last part, lowercased (qwen3-1.7b-base)."""
+    neuronpedia_sae_set: Optional[str] = None
+    """sae_set in the Neuronpedia export; None: qscope-res-<width in thousands>k."""
 
     def __post_init__(self) -> None:
         for name in ("top_n", "bands", "per_band", "logit_tokens", "neighbours", "prompt_features"):

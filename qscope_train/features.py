@@ -65,7 +65,8 @@ class FirstPass:
     top: TopN
     hist: Tensor  # (d_sae, HIST_BINS) long
     fires: Tensor  # (d_sae,) long
-    tokens: int = 0
+    tokens: int = 0  # rows seen (held-out tokens the filters kept)
+    sequences: int = 0  # held-out sequences they came from
 
     @classmethod
     def new(cls, d_sae: int, n: int) -> FirstPass:
@@ -93,12 +94,14 @@ class Ranges:
         self.tok = torch.full((max_val.numel(), bands - 1, m), -1, dtype=torch.long)
         self.val = torch.zeros(max_val.numel(), bands - 1, m)
         self.filled = torch.zeros(max_val.numel(), bands - 1, dtype=torch.long)
+        self.seen = torch.zeros(max_val.numel(), bands, dtype=torch.long)  # activations per range, all kept or not
 
     def add(self, idx_BK: Tensor, val_BK: Tensor, tok_B: Tensor) -> None:
         live = val_BK > 0
         f, v = idx_BK[live], val_BK[live].float()
         t = tok_B[:, None].expand_as(idx_BK)[live]
         band = (v / self.max_val[f] * self.bands).long().clamp_(0, self.bands - 1)
+        self.seen += torch.bincount(f * self.bands + band, minlength=self.seen.numel()).view_as(self.seen)
         low = band < self.bands - 1
         f, v, t, band = f[low], v[low], t[low], band[low]
         slot = f * (self.bands - 1) + band

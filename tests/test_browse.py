@@ -130,3 +130,29 @@ def test_index_and_feature_pages_render_from_file_urls_in_chromium(browsed):
     assert page.count("<rect") == HIST_BINS
     prompts = _dom((site / "prompts.html").as_uri())
     assert "the cat sat on the mat" in prompts and "feature.html#layer=2&amp;id=" in prompts
+
+
+def test_the_neuronpedia_export_validates_against_saedashboards_batch_schema(browsed):
+    from qscope_train.neuronpedia import SCHEMA, validate
+
+    cfg, run_dir = browsed
+    out = run_dir / "browse" / "neuronpedia"
+    assert json.loads((out / "schema.json").read_text()) == SCHEMA
+    files = sorted(out.glob("layer*/batch-*.json"))
+    assert len(files) == 2 * 8  # two layers of 1024 features, 128 a file
+    batch = json.loads(files[0].read_text())
+    assert validate(batch) == []
+    assert batch["model_id"] == "tiny-qwen3" and batch["layer"] in (1, 2) and len(batch["features"]) == 128
+    fired = [f for f in batch["features"] if f["activations"]]
+    assert fired and all(len(a["tokens"]) == len(a["values"]) for f in fired for a in f["activations"])
+    top = fired[0]["activations"][0]
+    assert top["bin_min"] == -1 and max(top["values"]) == pytest.approx(top["bin_max"], abs=1e-3)
+    # the validator is not a formality: a renamed, a mistyped and a missing field are each reported
+    broken = json.loads(files[0].read_text())
+    broken["features"][0]["pos_strs"] = broken["features"][0].pop("pos_str")
+    broken["features"][1]["frac_nonzero"] = "0.1"
+    del broken["features"][2]["activations"]
+    errors = validate(broken)
+    assert any("missing 'pos_str'" in e for e in errors) and any("unexpected 'pos_strs'" in e for e in errors)
+    assert any("frac_nonzero: expected number" in e for e in errors)
+    assert any("features[2]: missing 'activations'" in e for e in errors)

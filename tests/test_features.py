@@ -47,6 +47,7 @@ def test_lower_range_examples_are_the_first_in_each_band():
             toks = [t for t in range(600) if col[t] > 0 and band[t] == b][:2]
             assert r.tok[f, b].tolist() == toks + [-1] * (2 - len(toks)), (f, b)
             assert r.filled[f, b] == len(toks)
+            assert r.seen[f, b] == int(((band == b) & (col > 0)).sum())
 
 
 def test_window_activations_read_the_codes_around_each_token():

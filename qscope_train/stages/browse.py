@@ -94,6 +94,7 @@ def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, prog
             for n, sae in saes.items():
                 idx, val = codes(sae, chunk.rows[n])
                 first[n].add(idx, val, offset + chunk.positions[n].long().cpu())
+                first[n].sequences += chunk.input_ids.shape[0]
             bar.update(1)
     out = {}
     for n, fp in first.items():
@@ -169,7 +170,37 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     prompts = prompt_features(lm, {n: s.to(device) for n, s in sets["trained"].items()}, cfg.browse, device)
     out = dirs.root / "browse"
     summary = site.write(out, collected, sets, prompts, lm.tokenizer, cfg)
+    summary["neuronpedia"] = write_neuronpedia(out / "neuronpedia", collected["trained"], sets["trained"], lm, cfg)
     print(
         f"browse: {summary['features']} feature pages over {summary['tokens']:,} held-out tokens -> {out / 'index.html'}"
     )
     return summary
+
+
+def write_neuronpedia(out, trained: dict[int, LayerFeatures], saes: dict[int, TopKSAE], lm: LoadedLM, cfg: RunConfig):
+    """Every layer's features as SAEDashboard/Neuronpedia batch files (neuronpedia.SCHEMA, also written as
+    schema.json), 128 features a file; returns the number of files."""
+    import json
+
+    from .. import neuronpedia
+
+    b = cfg.browse
+    model_id = b.neuronpedia_model_id or cfg.model.name_or_path.rstrip("/").split("/")[-1].lower()
+    files = 0
+    for n, lf in trained.items():
+        W_dec = saes[n].W_dec.detach().cpu()
+        d_sae = W_dec.shape[1]
+        sae_set = b.neuronpedia_sae_set or f"qscope-res-{max(1, d_sae // 1024)}k"
+        meta = {"sequences": lf.first.sequences, "context_len": cfg.data.context_len, "dataset": cfg.data.dataset}
+        for k, start in enumerate(range(0, d_sae, 128)):
+            feats = [
+                neuronpedia.feature(lf, f, lm.tokenizer, W_dec[:, f], meta)
+                for f in range(start, min(d_sae, start + 128))
+            ]
+            batch = {"model_id": model_id, "layer": n, "sae_set": sae_set, "features": feats}
+            path = out / f"layer{n}" / f"batch-{k}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(batch, separators=(",", ":")))
+            files += 1
+    (out / "schema.json").write_text(json.dumps(neuronpedia.SCHEMA, indent=1) + "\n")
+    return files
