@@ -281,6 +281,19 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """Where the export goes beyond run_dir/export."""
+
+    push_to_hub: Optional[str] = None
+    """Upload the export (layer files, sidecars, card) to this hub repo, owner/SAE-Res-<model>-W<N>K-L0_<k>:
+    the release's naming, which SAELens's qwen_scope converter reads the width and k from."""
+    dry_run: bool = False
+    """With push_to_hub: print and record (export/push_plan.json) what would be uploaded, upload nothing."""
+    private: bool = False
+    """With push_to_hub: create the repo private."""
+
+
+@dataclass
 class BrowseConfig:
     """The feature browser (browse stage): what it computes per feature over the held-out split."""
 
@@ -355,6 +368,7 @@ class RunConfig:
     reader: ReaderConfig = field(default_factory=ReaderConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     browse: BrowseConfig = field(default_factory=BrowseConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 

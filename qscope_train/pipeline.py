@@ -15,6 +15,8 @@ def run(cfg: RunConfig, accelerator) -> dict:
     """Run the configured stages; returns the evaluation result (eval.json's content; empty if not evaluated)."""
     if Stage.fit in cfg.stages:
         fit.check_processes(cfg, accelerator.num_processes)  # before caching, so a bad launch wastes nothing
+    if Stage.export in cfg.stages:
+        export.check_push_target(cfg)
     dirs = RunDirs(Path(cfg.run_dir))
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
     result: dict = {}

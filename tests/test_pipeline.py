@@ -286,3 +286,24 @@ def test_resume_with_other_settings_is_refused(demo, tmp_path):
         ValueError, match=r"written by a run with other settings.*\(differs: trainer\.lr: None -> 0\.5\)$"
     ):
         run(compose([*base, "trainer.max_steps=12", "trainer.lr=0.5"]), Accelerator(cpu=True))
+
+
+def test_push_to_hub_dry_run_lists_exactly_the_exports_files(demo, tmp_path, capsys):
+    from qscope_train.errors import ConfigError, InputError
+    from qscope_train.release import ReleaseName
+
+    cfg, run_dir, _ = demo
+    shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("cache"))
+    base = ["experiment=demo", f"run_dir={tmp_path / 'run'}", "stages=[export]", *SMALL, "export.dry_run=true"]
+    repo = "me/SAE-Res-Tiny-Qwen3-W1K-L0_16"
+    run(compose([*base, f"export.push_to_hub={repo}"]), Accelerator(cpu=True))
+    export = tmp_path / "run" / "export"
+    plan = json.loads((export / "push_plan.json").read_text())
+    assert plan["repo_id"] == repo and plan["dry_run"] is True
+    assert plan["files"] == sorted(p.name for p in export.iterdir() if p.name != "push_plan.json")
+    assert ReleaseName.parse(repo) == ReleaseName("Tiny-Qwen3", 1, 16)  # the name SAELens reads d_sae and k from
+    assert f"would upload to https://huggingface.co/{repo}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="must be owner/SAE-Res-<model>-W<N>K-L0_<k>"):
+        run(compose([*base, "export.push_to_hub=me/my-saes"]), Accelerator(cpu=True))
+    with pytest.raises(InputError, match=r"names width 32K and k 16, but these SAEs have d_sae 1024.*W1K-L0_16"):
+        run(compose([*base, "export.push_to_hub=me/SAE-Res-Tiny-Qwen3-W32K-L0_16"]), Accelerator(cpu=True))
