@@ -156,3 +156,25 @@ def test_the_neuronpedia_export_validates_against_saedashboards_batch_schema(bro
     assert any("missing 'pos_str'" in e for e in errors) and any("unexpected 'pos_strs'" in e for e in errors)
     assert any("frac_nonzero: expected number" in e for e in errors)
     assert any("features[2]: missing 'activations'" in e for e in errors)
+
+
+def test_an_adaptation_site_shows_the_source_feature_beside_and_sorts_by_drift(browsed, tmp_path):
+    cfg, run_dir = browsed
+    # "adapt" from this run's own SAEs with one feature's decoder direction turned: it must lead the index
+    src = tmp_path / "source"
+    shutil.copytree(run_dir / "fit", src, ignore=shutil.ignore_patterns("checkpoints"))
+    tensors = torch.load(src / "layer1.sae.pt", weights_only=True)
+    tensors["W_dec"][:, 7] = -tensors["W_dec"][:, 7]
+    torch.save(tensors, src / "layer1.sae.pt")
+    shutil.copytree(run_dir / "fit", tmp_path / "run" / "fit", ignore=shutil.ignore_patterns("checkpoints"))
+    adapt = compose(
+        [*SETTINGS, f"run_dir={tmp_path / 'run'}", "stages=[browse]", f"init_from={src}", "browse.tokens=4096"]
+    )
+    run(adapt, Accelerator(cpu=True))
+    site = tmp_path / "run" / "browse"
+    index = _dom((site / "index.html").as_uri())
+    assert re.findall(r'<tr data-id="(\d+)"', index)[0] == "7"  # opened sorted by drift: 2.0 for the turned one
+    page = _dom((site / "feature.html").as_uri() + "#layer=1&id=7")
+    assert "Feature 7 · layer 1" in page and "The source SAE's feature 7" in page
+    assert re.search(r"drift from the source 2\b", page)
+    assert '<script src="data/layer1/b0.js"></script>' in page  # the bucket was loaded on demand, from file://
