@@ -5,6 +5,7 @@ top-N activations, examples from lower activation ranges, an activation histogra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -133,18 +134,18 @@ def window_activations(feat: Tensor, tok: Tensor, idx_BK: Tensor, val_BK: Tensor
 
 
 def logit_lens(
-    W_dec: Tensor, norm_weight: Tensor | None, W_U: Tensor, k: int, chunk: int = 512
+    W_dec: Tensor, norm: Callable[[Tensor], Tensor] | None, W_U: Tensor, k: int, chunk: int = 512
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Each decoder direction through the final RMSNorm's gain (the norm's scale does not change a
-    direction's ranking) and the unembedding: the k highest and k lowest token ids and their logits,
-    chunked over features so that no (d_sae × vocab) matrix is ever whole."""
+    """Each decoder direction through the model's final norm (applied to rows (C, d_model), as the model
+    applies it to a residual) and the unembedding: the k highest and k lowest token ids and their
+    logits, chunked over features so that no (d_sae × vocab) matrix is ever whole."""
     d_sae = W_dec.shape[1]
     top_i, top_v, bot_i, bot_v = [], [], [], []
     for s in range(0, d_sae, chunk):
-        d_DC = W_dec[:, s : s + chunk].float()
-        if norm_weight is not None:
-            d_DC = d_DC * norm_weight.float()[:, None]
-        logits = (W_U.float() @ d_DC).T  # (C, vocab)
+        d_CD = W_dec[:, s : s + chunk].T.float()
+        if norm is not None:
+            d_CD = norm(d_CD).float()
+        logits = d_CD @ W_U.float().T  # (C, vocab)
         hi, lo = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         top_v.append(hi.values)
         top_i.append(hi.indices)

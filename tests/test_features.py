@@ -65,7 +65,7 @@ def test_window_activations_read_the_codes_around_each_token():
 def test_logit_lens_and_neighbours_equal_the_dense_computation():
     g = torch.Generator().manual_seed(2)
     W_dec, W_U, gain = torch.randn(16, 70, generator=g), torch.randn(90, 16, generator=g), torch.rand(16, generator=g)
-    ti, tv, bi, bv = logit_lens(W_dec, gain, W_U, k=3, chunk=32)
+    ti, tv, bi, bv = logit_lens(W_dec, lambda x: x * gain, W_U, k=3, chunk=32)
     full = (W_U @ (W_dec * gain[:, None])).T
     assert torch.equal(ti, full.topk(3, dim=1).indices) and torch.equal(bi, full.topk(3, dim=1, largest=False).indices)
     torch.testing.assert_close(tv, full.topk(3, dim=1).values)

@@ -3,6 +3,7 @@ runs live over it twice), written as a static site under run_dir/browse/ (see si
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,7 @@ from ..splice import final_norm
 from ..tracking import Tracker
 
 ENCODE_ROWS = 4096  # rows encoded at once: the dense pre-activations are (rows × d_sae)
+FILL_EXAMPLES = 16384  # examples whose context windows are read at once (each gathers window × k codes)
 
 
 @dataclass
@@ -115,16 +117,16 @@ def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, prog
                 for tok_all, win in ((lf.first.top.tok, lf.top_windows), (lf.ranges.tok, lf.range_windows)):
                     flat = tok_all.flatten()
                     sel = ((flat >= offset) & (flat < end)).nonzero().flatten()
-                    if sel.numel():
-                        per_feature = flat.numel() // sae.d_sae
-                        _fill(win, sel, sel // per_feature, flat[sel], chunk, offset, idx, val, pos, b)
+                    per_feature = flat.numel() // sae.d_sae
+                    for part in sel.split(FILL_EXAMPLES):  # each example gathers (window × k) codes
+                        _fill(win, part, part // per_feature, flat[part], chunk, offset, idx, val, pos, b)
             bar.update(1)
     head = lm.model.get_output_embeddings().weight.detach().cpu()
-    gain = getattr(final_norm(lm), "weight", None)
-    gain = None if gain is None else gain.detach().cpu()
+    norm = copy.deepcopy(final_norm(lm)).to("cpu", torch.float32)  # a copy: the model stays where it is
     for n, sae in saes.items():
         W_dec = sae.W_dec.detach().cpu()
-        ti, tv, bi, bv = logit_lens(W_dec, gain, head, b.logit_tokens)
+        with torch.no_grad():
+            ti, tv, bi, bv = logit_lens(W_dec, norm, head, b.logit_tokens)
         out[n].logit_top, out[n].logit_bottom = (ti, tv), (bi, bv)
         out[n].near = neighbours(W_dec, b.neighbours)
     return out
