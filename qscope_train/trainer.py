@@ -49,6 +49,26 @@ def keep_freed_memory_on_cpu() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+def release_freed_memory_on_cpu() -> bool:
+    """Undo keep_freed_memory_on_cpu (glibc's defaults: large blocks mapped apart, free memory at the top
+    of the heap given back) and return what the heap holds free now. For stages whose temporaries vary
+    in size from one batch to the next (the browse stage's merges), where a never-trimmed heap fragments
+    and grows. Returns whether it took effect."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = bool(mallopt(M_MMAP_MAX, 65536)) and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+    trim(0)
+    return ok
+
+
 @dataclass
 class LayerState:
     sae: TopKSAE

@@ -19,6 +19,7 @@ from ..rundir import RunDirs, fit_file
 from ..sae import TopKSAE
 from ..splice import final_norm
 from ..tracking import Tracker
+from ..trainer import release_freed_memory_on_cpu
 
 ENCODE_ROWS = 4096  # rows encoded at once: the dense pre-activations are (rows × d_sae)
 FILL_EXAMPLES = 16384  # examples whose context windows are read at once (each gathers window × k codes)
@@ -157,6 +158,8 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     """Collect every layer's feature data for this run's SAEs (and the source SAEs of an adaptation) and
     write the site; returns a summary."""
     device = accelerator.device
+    if torch.device(device).type == "cpu":
+        release_freed_memory_on_cpu()  # the merges' temporaries vary in size: a never-trimmed heap only grows
     lm = load_lm(cfg.model, device)
     sets: dict[str, dict[int, TopKSAE]] = {"trained": {n: load_sae(fit_file(dirs, n, "browse")) for n in cfg.layers}}
     if cfg.init_from is not None:
