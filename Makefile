@@ -21,12 +21,14 @@ fixtures: $(FIXTURES)/fixtures.json
 $(FIXTURES)/fixtures.json: $(STAMP) qscope_train/tiny.py
 	$(PY) scripts/make_tiny_model.py --out $(FIXTURES) --force
 
+DEMO_PROMPTS = 'browse.prompts=["the cat sat on the mat . 12 + 7 = 19","def add(x, y): return x + y * 3"]'
+
 # the demo trains SAEs on the tiny base model, then adapts them to its chat-tuned variant
 demo: fixtures
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo \
-		'stages=[cache,fit,evaluate,export,browse]'
+		'stages=[cache,fit,evaluate,export,browse]' $(DEMO_PROMPTS)
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt \
-		'stages=[cache,fit,evaluate,export,adapt,browse]'
+		'stages=[cache,fit,evaluate,export,adapt,browse]' $(DEMO_PROMPTS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
