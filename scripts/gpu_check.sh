@@ -3,7 +3,7 @@
 # no network: installs the wheels carried in .whl/ (scripts/gpu_wheels.sh fetches them) into a
 # directory of its own, then runs every check and prints one JSON summary as its last line.
 #
-#   scripts/gpu_check.sh             on a CUDA machine (finishes within 8 minutes on one H100)
+#   scripts/gpu_check.sh             on a CUDA machine (sized for 8 minutes on one H100; not yet run on one)
 #   scripts/gpu_check.sh --dry-run   the same checks on the CPU at small shapes
 #
 # PYTHON picks the interpreter (default: .venv/bin/python where it exists, else python3); OUT, where set,
