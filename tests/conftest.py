@@ -49,3 +49,23 @@ def torchrun(nproc: int = 2) -> list[str]:
     """torchrun on this machine with a free port of its own (--standalone): fixed ports collide when two
     test runs share a machine, or with a port another program holds."""
     return [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", str(nproc)]
+
+
+class ListSource:
+    """A seekable BatchSource over a list; raises at `fail_at` the way a crash would stop a run."""
+
+    def __init__(self, batches, fail_at=None):
+        self.batches, self.pos, self.fail_at = batches, 0, fail_at
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            if self.pos == self.fail_at:
+                raise KeyboardInterrupt("crash")
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]

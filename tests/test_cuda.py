@@ -3,6 +3,7 @@ scripts/gpu_check.sh runs them (pytest -m cuda) on a machine that has one."""
 
 import pytest
 import torch
+from conftest import ListSource
 
 from qscope_train.config import DecoderInit, DType, ReaderConfig, TrainerConfig
 from qscope_train.data.batches import cached_batches
@@ -22,30 +23,12 @@ def _data(n: int, d: int = 64, atoms: int = 512, seed: int = 0) -> torch.Tensor:
     return codes @ dictionary + 0.5 + 0.01 * torch.randn(n, d, generator=g)
 
 
-class _Listed:
-    """Batches from a list, seekable as the trainer needs."""
-
-    def __init__(self, batches):
-        self.batches, self.pos = batches, 0
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
 def _final_fvu(x: torch.Tensor, dtype, steps: int = 64, batch: int = 512) -> float:
     sae = TopKSAE(x.shape[1], 1024, 8)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     cfg = TrainerConfig(batch_size=batch, encoder_dtype=dtype, log_every=1, decoder_init=DecoderInit.random)
     logs = []
-    batches = _Listed([{0: x[i * batch : (i + 1) * batch]} for i in range(steps)])
+    batches = ListSource([{0: x[i * batch : (i + 1) * batch]} for i in range(steps)])
     fit({0: sae}, batches, cfg, steps, "cuda", lambda s, m: logs.append(m[0]["fvu"]), NullBar)
     return sum(logs[-8:]) / 8
 
@@ -67,7 +50,7 @@ def test_encode_on_cuda_is_the_cards_fp32_encoder():
 
 
 def test_prefetched_batches_are_pinned_and_arrive_on_the_device_in_their_stored_dtype():
-    batches = _Listed([{0: torch.randn(128, 64).to(torch.bfloat16)} for _ in range(4)])
+    batches = ListSource([{0: torch.randn(128, 64).to(torch.bfloat16)} for _ in range(4)])
     with Prefetched(batches, depth=2, pin=True) as src:
         items = list(src)
     assert len(items) == 4 and all(b[0].is_pinned() for b, _ in items)

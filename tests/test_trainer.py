@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from conftest import ListSource
 
 from qscope_train import sae as sae_module
 from qscope_train.config import Activation, DecoderInit, OptimizerName, TrainerConfig
@@ -229,26 +230,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         assert faults > 500  # the default allocator (4 KiB pages: 65,536; huge pages: 128 or more)
 
 
-class _ListSource:
-    """A seekable BatchSource over a list; raises at `fail_at` the way a crash would stop a run."""
-
-    def __init__(self, batches, fail_at=None):
-        self.batches, self.pos, self.fail_at = batches, 0, fail_at
-
-    def __iter__(self):
-        while self.pos < len(self.batches):
-            if self.pos == self.fail_at:
-                raise KeyboardInterrupt("crash")
-            self.pos += 1
-            yield self.batches[self.pos - 1]
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state):
-        self.pos = state["pos"]
-
-
 def test_sign_descent_moves_each_weight_by_lr_against_its_gradient_sign():
     from qscope_train.optim import SignSGD
 
@@ -276,10 +257,10 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, center, t
         fit({0: sae}, source, cfg, 12, "cpu", lambda s, m: None, NullBar, checkpoints=ckpts)
         return sae
 
-    whole = train(tmp_path / "a", _ListSource(batches))
+    whole = train(tmp_path / "a", ListSource(batches))
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "b", _ListSource(batches, fail_at=9))
-    resumed = train(tmp_path / "b", _ListSource(batches))
+        train(tmp_path / "b", ListSource(batches, fail_at=9))
+    resumed = train(tmp_path / "b", ListSource(batches))
     for name, p in whole.state_dict().items():
         assert torch.equal(p, resumed.state_dict()[name]), name
 
@@ -413,7 +394,7 @@ def test_a_crash_while_initialisation_batches_wait_resumes_exactly(tmp_path):
         sae = TopKSAE(32, 1024, 8)
         sae.init_weights_(generator=torch.Generator().manual_seed(1))
         ckpts = Checkpoints(directory, 2, 2, {"t": 1})
-        fit({0: sae}, _ListSource(batches), cfg, 12, "cpu", log, NullBar, checkpoints=ckpts)
+        fit({0: sae}, ListSource(batches), cfg, 12, "cpu", log, NullBar, checkpoints=ckpts)
         return sae
 
     whole = train(tmp_path / "a", lambda s, m: None)
