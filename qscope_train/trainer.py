@@ -27,6 +27,21 @@ from .losses import auxk, dead_topk, global_mean, sum_stats, variance_from_stats
 from .optim import averaged_weight, build, use_averaged_weights_
 from .sae import ForwardOutput, TopKSAE
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+
+
+def _glibc():
+    """The C library through ctypes if it has glibc's mallopt and malloc_trim, else None."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError where they do not exist
+    except (OSError, AttributeError):
+        return None
+    return libc
+
 
 def keep_freed_memory_on_cpu() -> bool:
     """Ask glibc to serve every allocation from its heap and keep freed memory there.
@@ -36,17 +51,8 @@ def keep_freed_memory_on_cpu() -> bool:
     again: 10-20 % of a step at d_sae 16384 (docs/BENCHMARKS.md). Process-wide, so the CLI calls it
     (never an import or fit); a no-op where the C library is not glibc. Returns whether it took effect.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def release_freed_memory_on_cpu() -> bool:
@@ -54,18 +60,11 @@ def release_freed_memory_on_cpu() -> bool:
     of the heap given back) and return what the heap holds free now. For stages whose temporaries vary
     in size from one batch to the next (the browse stage's merges), where a never-trimmed heap fragments
     and grows. Returns whether it took effect."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    ok = bool(mallopt(M_MMAP_MAX, 65536)) and bool(mallopt(M_TRIM_THRESHOLD, 128 * 1024))
-    trim(0)
+    ok = bool(libc.mallopt(M_MMAP_MAX, 65536)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+    libc.malloc_trim(0)
     return ok
 
 
