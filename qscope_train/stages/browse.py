@@ -72,12 +72,17 @@ def _held_out(lm: LoadedLM, cfg: RunConfig, device):
             return
 
 
-def _fill(win: Windows, sel: Tensor, feat: Tensor, tok: Tensor, chunk, offset: int, idx, val, pos, b: BrowseConfig):
+def _row_of(chunk, pos: Tensor) -> Tensor:
+    """For every token of the chunk, its code row (-1 where the filters dropped it)."""
+    row_of = torch.full((chunk.input_ids.numel(),), -1, dtype=torch.long)
+    row_of[pos] = torch.arange(pos.numel())
+    return row_of
+
+
+def _fill(win: Windows, sel: Tensor, feat: Tensor, tok: Tensor, chunk, offset: int, idx, val, row_of, b: BrowseConfig):
     """Fill the windows of examples (feat, global tok) that lie in this chunk, at flat positions sel of win."""
     ids_flat = chunk.input_ids.flatten()
     T = chunk.input_ids.shape[1]
-    row_of = torch.full((ids_flat.numel(),), -1, dtype=torch.long)
-    row_of[pos] = torch.arange(pos.numel())
     local = tok - offset
     acts = window_activations(feat, local, idx, val, row_of, b.window)
     at = local[:, None] + torch.arange(-b.window, b.window + 1)
@@ -115,12 +120,13 @@ def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, prog
                 lf, pos = out[n], chunk.positions[n].long().cpu()
                 idx, val = codes(sae, chunk.rows[n])
                 lf.ranges.add(idx, val, offset + pos)
+                row_of = _row_of(chunk, pos)
                 for tok_all, win in ((lf.first.top.tok, lf.top_windows), (lf.ranges.tok, lf.range_windows)):
                     flat = tok_all.flatten()
                     sel = ((flat >= offset) & (flat < end)).nonzero().flatten()
                     per_feature = flat.numel() // sae.d_sae
                     for part in sel.split(FILL_EXAMPLES):  # each example gathers (window × k) codes
-                        _fill(win, part, part // per_feature, flat[part], chunk, offset, idx, val, pos, b)
+                        _fill(win, part, part // per_feature, flat[part], chunk, offset, idx, val, row_of, b)
             bar.update(1)
     head = lm.model.get_output_embeddings().weight.detach().cpu()
     norm = copy.deepcopy(final_norm(lm)).to("cpu", torch.float32)  # a copy: the model stays where it is
