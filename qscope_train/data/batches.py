@@ -119,11 +119,10 @@ class CachedBlocks:
 
 
 class LayerBatches:
-    """{layer: batch} dicts from one ShuffledBatches per layer; state_dict() covers all of them
-    (None when the source cannot seek, as live mode cannot)."""
+    """{layer: batch} dicts from one ShuffledBatches per layer; state_dict() covers all of them."""
 
-    def __init__(self, buffers: dict[int, ShuffledBatches], seekable: bool = True) -> None:
-        self.buffers, self.seekable = buffers, seekable
+    def __init__(self, buffers: dict[int, ShuffledBatches]) -> None:
+        self.buffers = buffers
 
     def __iter__(self) -> Iterator[dict[int, Tensor]]:
         its = {n: iter(b) for n, b in self.buffers.items()}
@@ -133,9 +132,7 @@ class LayerBatches:
             except StopIteration:
                 return
 
-    def state_dict(self) -> dict | None:
-        if not self.seekable:
-            return None
+    def state_dict(self) -> dict:
         states = {str(n): b.state_dict() for n, b in self.buffers.items()}
         return {n: {**st, "carry": None if st["carry"] is None else st["carry"].cpu()} for n, st in states.items()}
 
