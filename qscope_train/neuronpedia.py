@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .site import examples, token_text
+
 _NUM = {"type": "number"}
 _NUMS = {"type": "array", "items": _NUM}
 _INTS = {"type": "array", "items": {"type": "integer"}}
@@ -128,7 +130,7 @@ def validate(obj: Any, schema: dict = SCHEMA, where: str = "$") -> list[str]:
 
 def raw_tokens(tokenizer, ids: list[int]) -> list[str]:
     """Each id as its own decoded text, as Neuronpedia shows tokens (no visible-whitespace marks)."""
-    return [tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(i)]) for i in ids]
+    return [token_text(tokenizer, i) for i in ids]
 
 
 def feature(lf, f: int, tokenizer, W_dec_col: torch.Tensor, meta: dict) -> dict:
@@ -144,18 +146,14 @@ def feature(lf, f: int, tokenizer, W_dec_col: torch.Tensor, meta: dict) -> dict:
     l1 = float(W_dec_col.abs().sum()) or 1.0
     acts = []
     top_max = max(0.0, float(fp.top.val[f, 0]))
-    for ids, vals in zip(lf.top_windows.ids[f].tolist(), lf.top_windows.acts[f].tolist(), strict=True):
-        keep = [i for i, t in enumerate(ids) if t >= 0]
-        if ids[len(ids) // 2] >= 0:
-            acts.append(_activation(tokenizer, ids, vals, keep, -1.0, top_max, -1.0))
+    for ids, vals in examples(lf.top_windows.ids[f], lf.top_windows.acts[f]):
+        acts.append(_activation(tokenizer, ids, vals, -1.0, top_max, -1.0))
     bands = lf.ranges.bands
     for b in range(bands - 1):
         share = float(lf.ranges.seen[f, b]) / max(1, fires)
         lo, hi = top_max * b / bands, top_max * (b + 1) / bands
-        for ids, vals in zip(lf.range_windows.ids[f, b].tolist(), lf.range_windows.acts[f, b].tolist(), strict=True):
-            keep = [i for i, t in enumerate(ids) if t >= 0]
-            if ids[len(ids) // 2] >= 0:
-                acts.append(_activation(tokenizer, ids, vals, keep, lo, hi, share))
+        for ids, vals in examples(lf.range_windows.ids[f, b], lf.range_windows.acts[f, b]):
+            acts.append(_activation(tokenizer, ids, vals, lo, hi, share))
     top_ids, top_v = (t[f].tolist() for t in lf.logit_top)
     bot_ids, bot_v = (t[f].tolist() for t in lf.logit_bottom)
     return {
@@ -186,7 +184,9 @@ def feature(lf, f: int, tokenizer, W_dec_col: torch.Tensor, meta: dict) -> dict:
     }
 
 
-def _activation(tokenizer, ids, vals, keep, lo: float, hi: float, share: float) -> dict:
+def _activation(tokenizer, ids, vals, lo: float, hi: float, share: float) -> dict:
+    """One example window (the tokens inside its sequence) and the range it was drawn from."""
+    keep = [i for i, t in enumerate(ids) if t >= 0]
     return {
         "bin_min": round(lo, 5),
         "bin_max": round(hi, 5),

@@ -15,24 +15,31 @@ BUCKET = 128  # features per data file
 ASSETS = Path(__file__).with_name("site_assets")
 
 
+def token_text(tokenizer, i: int) -> str:
+    """One token id as the text it stands for (a byte-level BPE piece decoded)."""
+    piece = tokenizer.convert_ids_to_tokens(i)
+    return tokenizer.convert_tokens_to_string([piece]) if piece is not None else f"<{i}>"
+
+
 def readable(tokenizer, ids: set[int]) -> dict[int, str]:
-    """Each token id as the text it stands for (byte-level BPE pieces decoded), whitespace made visible."""
-    out = {}
-    for i in sorted(ids):
-        piece = tokenizer.convert_ids_to_tokens(i)
-        text = tokenizer.convert_tokens_to_string([piece]) if piece is not None else f"<{i}>"
-        out[i] = text.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or f"<{i}>"
-    return out
+    """Each token id as its text with whitespace made visible."""
+    return {
+        i: token_text(tokenizer, i).replace(" ", "·").replace("\n", "↵").replace("\t", "⇥") or f"<{i}>"
+        for i in sorted(ids)
+    }
+
+
+def examples(ids, acts):
+    """(token ids, activations) of every example window that has its own token (id >= 0 at the centre)."""
+    centre = ids.shape[-1] // 2
+    for e_ids, e_acts in zip(ids.tolist(), acts.tolist(), strict=True):
+        if e_ids[centre] >= 0:
+            yield e_ids, e_acts
 
 
 def _examples(ids, acts) -> list:
-    """[[token ids], [activations]] per example that has its own token (id >= 0 at the centre)."""
-    centre = ids.shape[-1] // 2
-    out = []
-    for e_ids, e_acts in zip(ids.tolist(), acts.tolist(), strict=True):
-        if e_ids[centre] >= 0:
-            out.append([e_ids, [round(a, 3) for a in e_acts]])
-    return out
+    """[[token ids], [activations]] per example, for the site's data files."""
+    return [[e_ids, [round(a, 3) for a in e_acts]] for e_ids, e_acts in examples(ids, acts)]
 
 
 def feature_record(lf, f: int, tokens: int, bands: int) -> dict:
