@@ -34,30 +34,32 @@ import torch
 LAYERS = [1, 3, 5, 7]
 
 
-def build_model(root: Path) -> Path:
+def random_qwen3(root: Path, name: str, n_docs: int, **shape) -> Path:
+    """A random-weight Qwen3 of the given shape with the tiny fixtures' tokenizer (fixtures of n_docs
+    documents built under root), saved as root/name."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     from qscope_train.tiny import build_fixtures
 
-    fx = build_fixtures(root / "fixtures", n_docs=12000)
+    fx = build_fixtures(root / "fixtures", n_docs=n_docs)
     tok = AutoTokenizer.from_pretrained(fx["tiny-qwen3"])
     torch.manual_seed(0)
     cfg = Qwen3Config(
         vocab_size=len(tok),
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=64,
         max_position_embeddings=1024,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        **shape,
     )
-    out = root / "qwen3-mid"
+    out = root / name
     Qwen3ForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def build_model(root: Path) -> Path:
+    shape = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=16)
+    return random_qwen3(root, "qwen3-mid", 12000, **shape, num_key_value_heads=8, head_dim=64)
 
 
 def data_config(corpus: Path, tokens: int):
@@ -154,32 +156,14 @@ WRITER_D_MODEL = 2048
 def writer_rows(root: Path, tokens: int) -> Path:
     """Real layer-1 activations of a random Qwen3 with the release's width (d_model 2048, 2 layers, the
     fixtures' tokenizer), saved as bf16 for the writer benchmark to replay."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
     from qscope_train.config import ModelConfig
     from qscope_train.data.activations import forward_chunk, make_filter
     from qscope_train.data.tokens import load_text_dataset, token_stream
     from qscope_train.lm import load_lm
-    from qscope_train.tiny import build_fixtures
 
-    fx = build_fixtures(root / "fixtures", n_docs=3000)
-    tok = AutoTokenizer.from_pretrained(fx["tiny-qwen3"])
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=WRITER_D_MODEL,
-        intermediate_size=6144,
-        num_hidden_layers=2,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=1024,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    Qwen3ForCausalLM(cfg).save_pretrained(root / "qwen3-2048")
-    tok.save_pretrained(root / "qwen3-2048")
-    lm = load_lm(ModelConfig(name_or_path=str(root / "qwen3-2048")))
+    shape = dict(hidden_size=WRITER_D_MODEL, intermediate_size=6144, num_hidden_layers=2, num_attention_heads=16)
+    model = random_qwen3(root, "qwen3-2048", 3000, **shape, num_key_value_heads=8, head_dim=128)
+    lm = load_lm(ModelConfig(name_or_path=str(model)))
     data = data_config(root / "fixtures" / "corpus.jsonl", tokens)
     stream = token_stream(load_text_dataset(data), lm.tokenizer, data)
     seqs = [s for _, s in zip(range(tokens // data.context_len), stream, strict=False)]
