@@ -54,8 +54,8 @@ def last_json(text: str) -> dict:
 
 
 class Runner:
-    def __init__(self, out: Path, python: str, env: dict) -> None:
-        self.out, self.python, self.env = out, python, env
+    def __init__(self, out: Path, env: dict) -> None:
+        self.out, self.env = out, env
         self.log = open(out / "gpu_check.log", "w")
         self.checks: dict[str, dict] = {}
 
@@ -147,7 +147,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    r = Runner(a.out, a.python, env)
+    r = Runner(a.out, env)
     py = a.python
     t_start = time.perf_counter()
 
