@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable
 
 import torch
+from schedulefree import ScheduleFreeWrapper
 from torch import nn
 
 from .config import OptimizerName, TrainerConfig
@@ -54,6 +55,19 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
+class SwapFreeScheduleFree(ScheduleFreeWrapper):
+    """schedulefree's ScheduleFreeWrapper, exchanging a parameter with its z buffer by handing over their
+    storages instead of three XOR passes over the bytes. Values and results are identical (a test steps
+    both side by side); at d_sae 16384 x 1024 the XOR swaps were a quarter of a signum step's time.
+    Nothing in qscope_train keeps a reference to a parameter's storage across a step."""
+
+    @staticmethod
+    def swap(x: torch.Tensor, y: torch.Tensor) -> None:
+        held = x.data
+        x.data = y.data
+        y.data = held
+
+
 def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_steps: int):
     """(optimizer, scheduler) for one SAE. The scheduler scales group["lr"] by lr_factor every step; under
     schedule-free averaging the optimizer is in train mode (its parameters are the y sequence)."""
@@ -62,10 +76,8 @@ def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_step
         # the fused kernel: 7x faster than foreach on a 2-core CPU
         opt = base = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     else:
-        from schedulefree import ScheduleFreeWrapper
-
         base = SignSGD(params, lr)
-        opt = ScheduleFreeWrapper(base, momentum=SCHEDULE_FREE_MOMENTUM, r=cfg.average_power)
+        opt = SwapFreeScheduleFree(base, momentum=SCHEDULE_FREE_MOMENTUM, r=cfg.average_power)
         opt.train()
     sched = torch.optim.lr_scheduler.LambdaLR(
         base, lambda s: lr_factor(s, total_steps, cfg.warmup_steps, cfg.decay_fraction)
@@ -77,8 +89,6 @@ def build(params: list[nn.Parameter], cfg: TrainerConfig, d_sae: int, total_step
 def averaged_weight(opt, p: nn.Parameter) -> torch.Tensor:
     """A copy of the weight a run would export for parameter p, without touching the optimizer:
     schedule-free's average x (its parameters are y = x + (1 - momentum)(z - x) while training)."""
-    from schedulefree import ScheduleFreeWrapper
-
     if isinstance(opt, ScheduleFreeWrapper) and opt.train_mode and "z" in opt.state[p]:
         return p.detach().lerp(opt.state[p]["z"], 1 - 1 / opt.momentum)
     return p.detach().clone()
@@ -87,7 +97,5 @@ def averaged_weight(opt, p: nn.Parameter) -> torch.Tensor:
 def use_averaged_weights_(opt) -> None:
     """Leave the parameters at the weights a run exports: schedule-free's average x (its eval mode);
     Adam's parameters already are."""
-    from schedulefree import ScheduleFreeWrapper
-
     if isinstance(opt, ScheduleFreeWrapper):
         opt.eval()

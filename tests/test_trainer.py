@@ -292,6 +292,37 @@ def test_signum_trains_and_exports_the_schedule_free_average():
     assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
 
 
+def test_swap_free_schedule_free_steps_exactly_as_the_package(monkeypatch):
+    """Our wrapper only changes how a parameter and its z buffer change places: a fit with it and one with
+    schedulefree's own XOR swap end in identical weights and optimizer state."""
+    import schedulefree
+
+    from qscope_train import optim
+    from qscope_train.config import OptimizerName
+    from qscope_train.trainer import new_state, train_step
+
+    x = _sparse_data()
+    cfg = TrainerConfig(batch_size=256, optimizer=OptimizerName.signum)
+
+    def run():
+        sae = TopKSAE(32, 256, 8)
+        sae.init_weights_(generator=torch.Generator().manual_seed(1))
+        state = new_state(sae, cfg, 16, "cpu")
+        for step, xb in enumerate(x.split(256)):
+            train_step(state, xb, cfg.resolved(16), step)
+        z = [state.opt.state[p]["z"].clone() for p in sae.parameters()]
+        return type(state.opt), [p.detach().clone() for p in sae.parameters()], z
+
+    ours, weights, z = run()
+    assert ours is optim.SwapFreeScheduleFree
+    monkeypatch.setattr(optim, "SwapFreeScheduleFree", schedulefree.ScheduleFreeWrapper)
+    package, weights_ref, z_ref = run()
+    assert package is schedulefree.ScheduleFreeWrapper
+    for a, b in zip(weights + z, weights_ref + z_ref, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(weights[0], z[0])  # y and z are distinct sequences, so the swap had work to do
+
+
 @pytest.mark.parametrize("center", [False, True])
 def test_center_input_starts_the_pre_activations_at_zero_mean(center):
     x = _sparse_data() + 2.0  # a large shared offset, as residual streams have
