@@ -72,7 +72,8 @@ def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
     return sae, dead
 
 
-# auxk_loss selects dead latents three ways: gathered columns (few dead), masked (many), unmasked (all)
+# auxk_loss selects dead latents three ways: on a CPU gathered columns (under a quarter dead), masked (more),
+# masked with every latent dead
 DEAD_COUNTS = [10, 40, 128]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from qscope_train import losses
 from qscope_train.config import Activation, Objective, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.sae import TopKSAE
@@ -24,6 +25,12 @@ READS_BACK = {
     aten.unique_consecutive.default,
     aten.repeat_interleave.Tensor,
 }
+
+
+@pytest.fixture(autouse=True)
+def _device_path(monkeypatch):
+    """The step as it runs on an accelerator: AuxK does not count its dead latents on the host."""
+    monkeypatch.setattr(losses, "GATHER_DEAD_ON_CPU", False)
 
 
 class HostReads(TorchDispatchMode):
