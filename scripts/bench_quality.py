@@ -7,7 +7,8 @@ hierarchies (a child feature only ever fires together with its parent). Every ba
 (seed, batch index), so both trainers see identical rows without storing them.
 
 Scores, at each token budget: recovered (the fraction of true directions with a decoder column at
-cosine >= 0.9; also for parents and children apart), mean best cosine, held-out FVU (about the held-out
+cosine >= 0.9; also for parents and children apart), mean best cosine, columns near (decoder columns at
+cosine >= 0.7 per true direction: above 1, features split between co-firing latents), held-out FVU (about the held-out
 mean), dead (latents that never fire on the held-out rows), and the training wall time until 90 % of
 the directions were recovered (checked every --eval-every tokens; data generation and scoring excluded).
 
@@ -161,9 +162,15 @@ def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> d
         ever |= fired(xb)
     out = {"heldout_fvu": round(err / var, 4), "dead_frac": round(1 - float(ever.float().mean()), 4)}
     if d.directions is None:
-        return out | dict.fromkeys(("recovered", "recovered_parents", "recovered_children", "mean_best_cos"))
+        keys = ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "columns_near")
+        return out | dict.fromkeys(keys)
     cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
-    best = torch.cat([(chunk @ cols).max(dim=1).values for chunk in d.directions.split(1024)])
+    best, near = [], []
+    for chunk in d.directions.split(1024):
+        cos = chunk @ cols
+        best.append(cos.max(dim=1).values)
+        near.append((cos >= 0.7).sum(dim=1))
+    best, near = torch.cat(best), torch.cat(near)
     is_child = d.parent_of >= 0
     is_parent = torch.zeros_like(is_child)
     is_parent[: d.n_parents] = True
@@ -172,6 +179,8 @@ def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> d
         "recovered_parents": round(float((best[is_parent] >= 0.9).float().mean()), 4) if d.n_parents else None,
         "recovered_children": round(float((best[is_child] >= 0.9).float().mean()), 4) if d.n_parents else None,
         "mean_best_cos": round(float(best.mean()), 4),
+        # decoder columns at cosine >= 0.7 per true direction: above 1, features held by several latents
+        "columns_near": round(float(near.float().mean()), 3),
     }
 
 
@@ -370,7 +379,15 @@ def _summary(curve: list[dict]) -> dict:
     to90 = next((c["seconds"] for c in curve if (c["recovered"] or 0) >= 0.9), None)
     return {"tokens": final["tokens"], "seconds": final["seconds"], "seconds_to_90": to90} | {
         k: final[k]
-        for k in ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "heldout_fvu", "dead_frac")
+        for k in (
+            "recovered",
+            "recovered_parents",
+            "recovered_children",
+            "mean_best_cos",
+            "columns_near",
+            "heldout_fvu",
+            "dead_frac",
+        )
     }
 
 
@@ -383,8 +400,9 @@ def _tokens(text: str) -> int:
 
 def table(rows: list[dict]) -> str:
     out = [
-        "| shape | tokens | trainer | recovered | parents | children | mean best cos | held-out FVU | dead | ΔCE | s to 90 % | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | tokens | trainer | recovered | parents | children | mean best cos | columns ≥ 0.7 | held-out FVU | dead "
+        "| ΔCE | s to 90 % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(v):
@@ -393,11 +411,12 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         name = r["trainer"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
         cos = "-" if r["mean_best_cos"] is None else f"{r['mean_best_cos']:.3f}"
+        near = "-" if r.get("columns_near") is None else f"{r['columns_near']:.2f}"
         dce = f"{r['delta_ce']:.4f}" if "delta_ce" in r else "-"
         to90 = r["seconds_to_90"] if r["seconds_to_90"] is not None else "-"
         out.append(
             f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {pct(r['recovered'])} | {pct(r['recovered_parents'])} | "
-            f"{pct(r['recovered_children'])} | {cos} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
+            f"{pct(r['recovered_children'])} | {cos} | {near} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
 
