@@ -7,9 +7,9 @@ hierarchies (a child feature only ever fires together with its parent). Every ba
 (seed, batch index), so both trainers see identical rows without storing them.
 
 Scores, at each token budget: recovered (the fraction of true directions with a decoder column at
-cosine >= 0.9; also for parents and children apart), mean best cosine, columns near (decoder columns at
-cosine >= 0.7 per true direction: above 1, features split between co-firing latents), held-out FVU (about the held-out
-mean), dead (latents that never fire on the held-out rows), and the training wall time until 90 % of
+cosine >= 0.9; also for parents and children apart), mean best cosine, columns near (decoder columns
+at cosine >= 0.7 per true direction: above 1, features split between co-firing latents), held-out FVU
+(about the held-out mean), dead (latents that never fire on the held-out rows), and the training wall time until 90 % of
 the directions were recovered (checked every --eval-every tokens; data generation and scoring excluded).
 
 qscope-train runs one fit per budget (its schedule depends on the run length); sparsify is
@@ -151,6 +151,10 @@ class CachedRows:
         return {"train_rows": self.train.shape[0], "held_out_rows": self.held.shape[0]}
 
 
+# the scores that need the true directions (None for the tiny Qwen3's rows)
+DIRECTION_SCORES = ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "columns_near")
+
+
 def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> dict:
     """Recovery against the true directions (None without them), held-out FVU and dead fraction."""
     err = var = 0.0
@@ -162,8 +166,7 @@ def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> d
         ever |= fired(xb)
     out = {"heldout_fvu": round(err / var, 4), "dead_frac": round(1 - float(ever.float().mean()), 4)}
     if d.directions is None:
-        keys = ("recovered", "recovered_parents", "recovered_children", "mean_best_cos", "columns_near")
-        return out | dict.fromkeys(keys)
+        return out | dict.fromkeys(DIRECTION_SCORES)
     cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
     best, near = [], []
     for chunk in d.directions.split(1024):
@@ -378,16 +381,7 @@ def _summary(curve: list[dict]) -> dict:
     final = curve[-1]
     to90 = next((c["seconds"] for c in curve if (c["recovered"] or 0) >= 0.9), None)
     return {"tokens": final["tokens"], "seconds": final["seconds"], "seconds_to_90": to90} | {
-        k: final[k]
-        for k in (
-            "recovered",
-            "recovered_parents",
-            "recovered_children",
-            "mean_best_cos",
-            "columns_near",
-            "heldout_fvu",
-            "dead_frac",
-        )
+        k: final[k] for k in (*DIRECTION_SCORES, "heldout_fvu", "dead_frac")
     }
 
 
@@ -411,7 +405,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         name = r["trainer"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
         cos = "-" if r["mean_best_cos"] is None else f"{r['mean_best_cos']:.3f}"
-        near = "-" if r.get("columns_near") is None else f"{r['columns_near']:.2f}"
+        near = "-" if r["columns_near"] is None else f"{r['columns_near']:.2f}"
         dce = f"{r['delta_ce']:.4f}" if "delta_ce" in r else "-"
         to90 = r["seconds_to_90"] if r["seconds_to_90"] is not None else "-"
         out.append(
