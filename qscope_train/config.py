@@ -170,6 +170,18 @@ class TrainerConfig:
     normalised by the residual's variance, not the input's (Gao et al.'s 1/32 is about 1/256 here at FVU 0.1)."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
+    merge_cos: Optional[float] = 0.5
+    """Merge pairs of live latents whose decoder directions are at cosine >= this and that fire on the same
+    rows (merge_cofire), every merge_every_tokens: the more frequent one takes the pair's
+    activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such copies
+    split a feature between them (docs/BENCHMARKS.md, session 9). Fresh runs only (init_from keeps every
+    source latent); None: never merge."""
+    merge_cofire: float = 0.5
+    """A pair merges when the other latent fires on at least this share of the rows (of the merge step's
+    batch) on which the rarer one fires."""
+    merge_every_tokens: Optional[int] = None
+    """Tokens between merge passes (each a d_sae x d_sae cosine pass and one encode of the step's batch);
+    None: 1/32 of the run's tokens."""
     checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
     keep_checkpoints: int = operational(2)
@@ -214,6 +226,12 @@ class TrainerConfig:
         self.group_count()  # validates layer_groups
         if self.prefetch_batches < 0:
             raise ConfigError(f"trainer.prefetch_batches must be >= 0, got {self.prefetch_batches}")
+        if self.merge_cos is not None and not 0 < self.merge_cos < 1:
+            raise ConfigError(f"trainer.merge_cos must be in (0, 1) or null, got {self.merge_cos}")
+        if not 0 < self.merge_cofire <= 1:
+            raise ConfigError(f"trainer.merge_cofire must be in (0, 1], got {self.merge_cofire}")
+        if self.merge_every_tokens is not None and self.merge_every_tokens <= 0:
+            raise ConfigError(f"trainer.merge_every_tokens must be positive, got {self.merge_every_tokens}")
         if self.encoder_init_norm <= 0:
             raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
 
@@ -247,6 +265,7 @@ class TrainerConfig:
             warmup_steps=(100 if adam else 0) if self.warmup_steps is None else self.warmup_steps,
             decay_fraction=(0.2 if adam else 0.0) if self.decay_fraction is None else self.decay_fraction,
             dead_after_tokens=window,
+            merge_every_tokens=self.merge_every_tokens or max(self.batch_size, total_steps * self.batch_size // 32),
         )
 
 

@@ -99,3 +99,15 @@ def use_averaged_weights_(opt) -> None:
     Adam's parameters already are."""
     if isinstance(opt, ScheduleFreeWrapper):
         opt.eval()
+
+
+@torch.no_grad()
+def overwrite_rows_(opt, p: nn.Parameter, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Set rows of parameter p to `values` in the optimizer's view too: under schedule-free the parameter
+    (y), its z buffer and so the average x all take them; Adam's moments for those rows restart at 0."""
+    p[rows] = values.to(p.dtype)
+    for key, buf in opt.state.get(p, {}).items():
+        if key == "z":
+            buf[rows] = values.to(buf.dtype)
+        elif key in ("exp_avg", "exp_avg_sq"):
+            buf[rows] = 0

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import distributed, objectives
+from . import distributed, duplicates, objectives
 from .checkpoints import Checkpoints, restore, state_payload
 from .config import Activation, DecoderInit, TrainerConfig
 from .data.batches import BatchSource
@@ -81,6 +81,7 @@ class LayerState:
     last: Optional[Tensor] = None  # the last step's [fvu, auxk, l0]
     first_bad: Optional[Tensor] = None  # [step, loss] of the first non-finite loss; step -1 while none
     lr: float = 0.0  # the rate the last step used
+    merges: int = 0  # duplicate latents merged in this process (duplicates.merge_)
 
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
@@ -300,6 +301,7 @@ def fit(
     log: Callable[[int, dict], None],
     progress: Callable[..., object],
     init_b_dec: bool = True,
+    merge: bool = True,
     checkpoints: Optional[Checkpoints] = None,
     probe: Optional[Callable[[int, dict[int, TopKSAE]], None]] = None,
 ) -> dict[int, dict]:
@@ -309,9 +311,10 @@ def fit(
     each trained batch (its state_dict(); None if it cannot seek) is what a checkpoint records. Metrics
     are read from the device only on log steps, where a non-finite loss also stops the run (and before
     every checkpoint, so none holds one). `probe(step, saes)`, if given, is called on log steps with
-    copies of the SAEs at the weights the run would export then (exported_copy). Returns a per-layer
-    summary (tokens, final FVU, dead fraction); the SAEs are left at their exported weights, in the
-    release's form.
+    copies of the SAEs at the weights the run would export then (exported_copy). With `merge` (fresh
+    runs), duplicate latents are merged every cfg.merge_every_tokens (duplicates.merge_; never when
+    merge_cos is None). Returns a per-layer summary (tokens, final FVU, dead fraction, merges); the SAEs
+    are left at their exported weights, in the release's form.
     """
     cfg = cfg.resolved(total_steps)
     device = torch.device(device)
@@ -335,7 +338,12 @@ def fit(
             for step, (batch, position) in zip(range(start, total_steps), it, strict=False):
                 if first_step is None:  # the initialisation's collectives are not the steps'
                     traffic_before, first_step = distributed.traffic(), step
-                train_steps(states, to_device(batch, device), cfg, step, flat)
+                xs = to_device(batch, device)
+                train_steps(states, xs, cfg, step, flat)
+                if merge and duplicates.merge_step(step, cfg):
+                    for n, s in states.items():
+                        seed = (cfg.seed * 1_000_003 + n) * 1_000_003 + step
+                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, xs[n].float(), cfg, seed)
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     _check_finite(states, checkpoints)
                     metrics = _read_metrics(states, cfg)
@@ -370,6 +378,7 @@ def fit(
             "steps": total_steps,
             "train_fvu_ema": None if s.fvu_ema is None else float(s.fvu_ema),
             "dead_frac": float((s.since_fired_F >= cfg.dead_after_tokens).float().mean()),
+            "duplicates_merged": s.merges,
             **{f"{key}_per_step": value for key, value in traffic.items()},
         }
         for n, s in states.items()
@@ -398,7 +407,10 @@ def _read_metrics(states: dict[int, LayerState], cfg: TrainerConfig) -> dict[int
     last = torch.stack([s.last for s in states.values()])
     rows = torch.cat([last, dead[:, None]], 1).tolist()
     keys = ("fvu", "auxk", "l0", "dead_frac")
-    return {n: {**dict(zip(keys, r, strict=True)), "lr": s.lr} for (n, s), r in zip(states.items(), rows, strict=True)}
+    return {
+        n: {**dict(zip(keys, r, strict=True)), "lr": s.lr, "merged": s.merges}
+        for (n, s), r in zip(states.items(), rows, strict=True)
+    }
 
 
 def _check_finite(states: dict[int, LayerState], checkpoints: Optional[Checkpoints]) -> None:

@@ -6,6 +6,10 @@ gradient parallel to the decoder directions, Adam, learning-rate schedule, decod
 dead-latent counters. The floor, timed in the same process right after each step on the same batch,
 is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
+Also timed, once after the steps: a duplicate-merge pass (duplicates.merge_: the d_sae x d_sae decoder
+cosines in chunks and one encode), which fit runs between steps 32 times per run by default; the
+figure is its cost in steps, so its share of a run of S steps is 32 x that / S.
+
 On CUDA (--device cuda) the step reads nothing back, so steps are timed together (the GPU synchronised
 once before and once after all of them) and the floor likewise; on a CPU each step is timed alone and
 the median is reported.
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from qscope_train import duplicates
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
 from qscope_train.trainer import keep_freed_memory_on_cpu, new_state, train_step
@@ -102,6 +107,12 @@ def main() -> None:
                 times.append(t1 - t0)
                 floor.append(time.perf_counter() - t1)
     metrics = dict(zip(("fvu", "auxk", "l0"), state.last.tolist(), strict=True))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, batches[-1], cfg, a.seed)
+    sync()
+    merge_s = time.perf_counter() - t0
 
     step_s, floor_s = statistics.median(times), statistics.median(floor)
     print(
@@ -115,6 +126,9 @@ def main() -> None:
                 "step_s_max": round(max(times), 4),
                 "last_fvu": round(metrics["fvu"], 4),
                 "last_auxk": round(metrics["auxk"], 4),
+                "merge_pass_s": round(merge_s, 4),
+                "merge_pass_in_steps": round(merge_s / step_s, 2),
+                "merged": merged,
                 "settings": {
                     "d_model": a.d_model,
                     "d_sae": a.d_sae,

@@ -77,6 +77,13 @@ def test_adaptation_lowers_fvu_and_delta_ce_on_the_post_trained_model(adapted):
     assert ev["sets"]["source"]["layers"]["1"]["fvu"] == adapt["layers"]["1"]["fvu_before"]
 
 
+def test_a_fresh_fit_merges_duplicates_and_an_adaptation_keeps_every_source_latent(adapted):
+    for layer in (1, 2):
+        base = json.loads((adapted / "base" / "fit" / f"layer{layer}.json").read_text())["train"]
+        adapt = json.loads((adapted / "adapt" / "fit" / f"layer{layer}.json").read_text())["train"]
+        assert base["duplicates_merged"] > 0 and adapt["duplicates_merged"] == 0
+
+
 def test_adaptation_report_and_export_card(adapted):
     out = adapted / "adapt"
     report = (out / "report.md").read_text()

@@ -28,13 +28,17 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
         assert a["dead_frac"] == b["dead_frac"]
     for name, want in single["state"].items():
         torch.testing.assert_close(ddp["state"][name], want, rtol=1e-4, atol=1e-5, msg=name)
-    # every step (each one a log step here) called two all-reduces at most, and nothing else; the fit
-    # reports the same count and the bytes (all four parameters' gradients plus counters and statistics)
+    assert single["summary"][0]["duplicates_merged"] > 0  # and the merges (the same on both ranks)
+    assert ddp["summary"][0]["duplicates_merged"] == single["summary"][0]["duplicates_merged"]
+    # every step (each one a log step here) called two all-reduces, and nothing else, but for the third
+    # after each fourth step: the merge pass's counts; the fit reports the same count and the bytes (all
+    # four parameters' gradients plus counters and statistics)
     assert len(ddp["per_step"]) == len(single["logs"])
-    assert all(calls == ["all_reduce", "all_reduce"] for calls in ddp["per_step"]), ddp["per_step"]
+    want = [["all_reduce"] * (3 if step % 4 == 3 else 2) for step in range(len(single["logs"]))]
+    assert ddp["per_step"] == want, ddp["per_step"]
     assert all(calls == [] for calls in single["per_step"])
     reported = ddp["summary"][0]
-    assert reported["all_reduce_calls_per_step"] == 2
+    assert reported["all_reduce_calls_per_step"] == 2 + 3 / 12
     params = sum(t.numel() for t in single["state"].values())
     assert reported["all_reduce_bytes_per_step"] > 4 * params
     # and the optimizer really stepped: b_enc starts at zero and only the updates move it (the data

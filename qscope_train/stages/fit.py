@@ -113,6 +113,7 @@ def _fit_group(cfg, dirs: RunDirs, accelerator, tracker: Tracker, layers, i, n_g
             lambda s, m: tracker.log("fit", s, m),
             tracker.progress,
             init_b_dec=cfg.init_from is None,
+            merge=cfg.init_from is None,  # a continued release keeps every latent the drift report follows
             checkpoints=ckpts,
         )
     if sharded or accelerator.is_main_process:

@@ -1,0 +1,133 @@
+"""Duplicate latents: finding near-parallel pairs, counting co-firing, choosing merges, and a fit that
+merges planted copies (and keeps them without trainer.merge_cos)."""
+
+import pytest
+import torch
+
+from qscope_train import duplicates
+from qscope_train.config import ConfigError, DecoderInit, TrainerConfig
+from qscope_train.data.batches import Unseekable
+from qscope_train.optim import averaged_weight
+from qscope_train.sae import TopKSAE
+from qscope_train.tracking import NullBar
+from qscope_train.trainer import fit, new_state, train_steps
+
+
+def _unit(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_near_parallel_pairs_are_found_in_chunks_most_parallel_first_and_only_among_live_latents():
+    W = _unit([1, 0, 0, 0], [0, 1, 0, 0], [0.95, 0.1, 0, 0], [0, 0, 1, 0], [0, 0.8, 0.6, 0], [0, 0, 0, 1])
+    alive = torch.ones(6, dtype=torch.bool)
+    for chunk in (1, 2, 2048):
+        i, j = duplicates.near_parallel_pairs(W, alive, 0.75, chunk=chunk)
+        # cos(0, 2) = 0.994, cos(1, 4) = 0.8; (3, 4) at 0.6 is below the bar
+        assert (i.tolist(), j.tolist()) == ([0, 1], [2, 4])
+    alive[2] = False
+    i, j = duplicates.near_parallel_pairs(W, alive, 0.75)
+    assert (i.tolist(), j.tolist()) == ([1], [4])
+    i, j = duplicates.near_parallel_pairs(W, torch.zeros(6, dtype=torch.bool), 0.75)
+    assert i.numel() == j.numel() == 0
+    # a cluster of 10 directions: each latent keeps its `partners` most parallel later latents
+    cluster = torch.nn.functional.normalize(torch.ones(10, 8) + 0.1 * torch.randn(10, 8), dim=1)
+    i, j = duplicates.near_parallel_pairs(cluster, torch.ones(10, dtype=torch.bool), 0.5, partners=2)
+    assert torch.bincount(i, minlength=10).tolist() == [2] * 8 + [1, 0] and (i < j).all()
+
+
+def test_firing_counts_count_rows_activations_and_rows_shared():
+    idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1]])
+    vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [1.0, 1.0], [0.5, 0.5]])  # row 1's latent 2 did not fire
+    counts = duplicates.firing_counts(idx, vals, torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
+    fired, act, both = counts[:3], counts[3:6], counts[6:]
+    assert fired.tolist() == [3, 3, 1]
+    assert act.tolist() == [4.5, 3.5, 1.0]
+    assert both.tolist() == [2, 1]  # (0, 1) on rows 0 and 3; (1, 2) on row 2
+
+
+def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
+    W = _unit([1, 0], [0.9, 0.1], [0.8, 0.3], [0, 1])
+    i, j = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    fired = torch.tensor([10.0, 20.0, 10.0, 5.0])
+    act = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    both = torch.tensor([9.0, 9.0, 9.0])  # every pair co-fires; each latent may merge once
+    m = duplicates.pick(W, i, j, torch.cat([fired, act, both]), cofire=0.5)
+    assert m.keep_M.tolist() == [1] and m.drop_M.tolist() == [0]  # latent 1 fires more often
+    want = torch.nn.functional.normalize(3.0 * W[1] + 1.0 * W[0], dim=0)
+    torch.testing.assert_close(m.direction_MD[0], want)
+    # split features (parallel, but firing on different rows) and rare pairs stay apart
+    for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
+        counts = torch.cat([torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0])])
+        assert duplicates.pick(W, i, j, counts, cofire=0.5).keep_M.numel() == 0
+
+
+def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead():
+    sae = TopKSAE(4, 8, 2)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_dec_FD[1] = sae.W_dec_FD[0] * 0.99 + 0.01 * sae.W_dec_FD[2]
+        sae.W_enc[1] = sae.W_enc[0]
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9).resolved(10)
+    state = new_state(sae, cfg, 10, "cpu")
+    x = torch.randn(64, 4)
+    train_steps({0: state}, {0: x}, cfg, 0)  # the schedule-free z buffers now differ from the parameters
+    with torch.no_grad():
+        sae.W_dec_FD[1] = sae.W_dec_FD[0]  # exactly parallel, and the encoders make them fire together
+        sae.W_enc[1] = sae.W_enc[0]
+        sae.b_enc[1] = sae.b_enc[0] + 1e-3
+    x = torch.randn(256, 4) @ torch.diag(torch.tensor([3.0, 1, 1, 1]))
+    code = sae.encode_sparse(x)
+    assert ((code.idx_BK == 0).any(1) & (code.idx_BK == 1).any(1)).sum() >= 4
+    norm_before = sae.W_enc[0].norm()
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, x, cfg, seed=3) >= 1
+    W_avg = averaged_weight(state.opt, sae.W_dec_FD)
+    kept, dropped = (0, 1) if state.since_fired_F[1] >= cfg.dead_after_tokens else (1, 0)
+    assert state.since_fired_F[dropped] >= cfg.dead_after_tokens and state.since_fired_F[kept] == 0
+    torch.testing.assert_close(W_avg[kept], sae.W_dec_FD[kept])  # z took the new row too
+    torch.testing.assert_close(W_avg[dropped], sae.W_dec_FD[dropped])
+    assert abs(float(sae.W_dec_FD[kept].detach() @ sae.W_dec_FD[dropped].detach())) < 0.9
+    torch.testing.assert_close(sae.W_enc[dropped].norm(), norm_before / 10)
+    assert sae.b_enc[dropped] == 0
+
+
+def _copies_fit(merge_cos):
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(24, 16, generator=g), dim=-1)
+    batches = []
+    for _ in range(12):
+        freq = torch.tensor([0.4] * 4 + [0.1] * 20)  # the copied directions fire often
+        codes = torch.rand(256, 24, generator=g) * (torch.rand(256, 24, generator=g) < freq)
+        batches.append({0: codes @ atoms + 0.2})
+    sae = TopKSAE(16, 64, 4)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    cfg = TrainerConfig(
+        batch_size=256,
+        decoder_init=DecoderInit.random,
+        merge_cos=merge_cos,
+        merge_every_tokens=1024,
+        checkpoint_every=0,
+    )
+    with torch.no_grad():  # latents 0-3 and 4-7 both hold the first four true directions
+        for copies in (slice(0, 4), slice(4, 8)):
+            sae.W_dec_FD[copies] = atoms[:4]
+            sae.W_enc[copies] = atoms[:4]
+    logs = []
+    summary = fit({0: sae}, Unseekable(batches), cfg, 12, "cpu", lambda s, m: logs.append(m), NullBar, init_b_dec=False)
+    assert logs[-1][0]["merged"] == summary[0]["duplicates_merged"]  # the log lines count them too
+    unit = torch.nn.functional.normalize(sae.W_dec_FD, dim=1)
+    return summary[0]["duplicates_merged"], torch.linalg.vecdot(unit[:4], unit[4:8])
+
+
+def test_a_fit_merges_planted_copies_and_keeps_them_without_merging():
+    merged, cos = _copies_fit(0.7)
+    assert merged >= 4 and (cos < 0.7).all(), cos
+    merged, cos = _copies_fit(None)
+    assert merged == 0 and (cos > 0.9).all(), cos
+
+
+@pytest.mark.parametrize(
+    "bad", [{"merge_cos": 1.0}, {"merge_cos": 0.0}, {"merge_cofire": 0.0}, {"merge_every_tokens": 0}]
+)
+def test_merge_settings_out_of_range_are_config_errors(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainerConfig(**bad)
