@@ -51,10 +51,12 @@ def near_parallel_pairs(
 
 @torch.no_grad()
 def firing_counts(idx_BK: Tensor, vals_BK: Tensor, i_P: Tensor, j_P: Tensor, d_sae: int) -> Tensor:
-    """Per latent: rows fired on and activation sum; per pair: rows both fired on. One (d_sae * 2 + P,)
+    """Per latent: rows fired on and positive activation sum; per pair: rows both fired on. One (d_sae * 2 + P,)
     fp32 vector [fired_F, act_F, both_P], so that data parallel adds it over ranks in one all-reduce."""
     fired_BK = vals_BK != 0
-    idx_M, vals_M = idx_BK[fired_BK], vals_BK[fired_BK].float()
+    # a plain top-k can pick negative values where fewer than k are positive: they count as firing (as in
+    # the trainer's dead counters) but weigh nothing in the merged direction
+    idx_M, vals_M = idx_BK[fired_BK], vals_BK[fired_BK].float().clamp_min(0)
     fired_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_M, torch.ones_like(vals_M))
     act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_M, vals_M)
     # rows x latents as a dense boolean, read only at the pairs' columns
@@ -87,7 +89,8 @@ def pick(W_dec_FD: Tensor, i_P: Tensor, j_P: Tensor, counts: Tensor, cofire: flo
     device = W_dec_FD.device
     keep_M = torch.tensor(keep, dtype=torch.long, device=device)
     drop_M = torch.tensor(drop, dtype=torch.long, device=device)
-    mixed_MD = act_F[keep_M, None] * W_dec_FD[keep_M] + act_F[drop_M, None] * W_dec_FD[drop_M]
+    weight_F = act_F + 1e-12  # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
+    mixed_MD = weight_F[keep_M, None] * W_dec_FD[keep_M] + weight_F[drop_M, None] * W_dec_FD[drop_M]
     return Merges(keep_M, drop_M, torch.nn.functional.normalize(mixed_MD, dim=1))
 
 
@@ -103,9 +106,9 @@ def merge_step(step: int, cfg: TrainerConfig) -> bool:
 def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerConfig, seed: int) -> int:
     """One merge pass over a training SAE, deciding from this rank's rows x_BD (added over ranks under data
     parallel, so every rank merges the same pairs): each merge leaves the kept latent with the pair's
-    mean direction (pick) and restarts the other one dead (a random direction from `seed`, its
-    encoder row at a tenth of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between steps);
-    returns the number of merges."""
+    mean direction (pick) and restarts the other one dead (a random direction from `seed`, its encoder
+    row at a tenth of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between
+    steps); returns the number of merges."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
     vals_BK, idx_BK = sae.encode_sparse(x_BD)

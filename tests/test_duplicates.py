@@ -37,11 +37,12 @@ def test_near_parallel_pairs_are_found_in_chunks_most_parallel_first_and_only_am
 
 def test_firing_counts_count_rows_activations_and_rows_shared():
     idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1]])
-    vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [1.0, 1.0], [0.5, 0.5]])  # row 1's latent 2 did not fire
+    # row 1's latent 2 did not fire; row 2's latent 1 fired negative (a plain top-k can): counted, weightless
+    vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [-1.0, 1.0], [0.5, 0.5]])
     counts = duplicates.firing_counts(idx, vals, torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
     fired, act, both = counts[:3], counts[3:6], counts[6:]
     assert fired.tolist() == [3, 3, 1]
-    assert act.tolist() == [4.5, 3.5, 1.0]
+    assert act.tolist() == [4.5, 2.5, 1.0]
     assert both.tolist() == [2, 1]  # (0, 1) on rows 0 and 3; (1, 2) on row 2
 
 
@@ -55,6 +56,9 @@ def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
     assert m.keep_M.tolist() == [1] and m.drop_M.tolist() == [0]  # latent 1 fires more often
     want = torch.nn.functional.normalize(3.0 * W[1] + 1.0 * W[0], dim=0)
     torch.testing.assert_close(m.direction_MD[0], want)
+    # a pair that only ever fired at 0 still merges into a unit direction
+    zero = duplicates.pick(W, i, j, torch.cat([fired, torch.zeros(4), both]), cofire=0.5)
+    torch.testing.assert_close(zero.direction_MD.norm(dim=1), torch.ones(1))
     # split features (parallel, but firing on different rows) and rare pairs stay apart
     for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
         counts = torch.cat([torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0])])
