@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qscope_train import duplicates
-from qscope_train.config import ConfigError, DecoderInit, TrainerConfig
+from qscope_train.config import ConfigError, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.optim import averaged_weight
 from qscope_train.sae import TopKSAE
@@ -65,13 +65,14 @@ def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
         assert duplicates.pick(W, i, j, counts, cofire=0.5).keep_M.numel() == 0
 
 
-def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead():
+@pytest.mark.parametrize("optimizer", list(OptimizerName))
+def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead(optimizer):
     sae = TopKSAE(4, 8, 2)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.W_dec_FD[1] = sae.W_dec_FD[0] * 0.99 + 0.01 * sae.W_dec_FD[2]
         sae.W_enc[1] = sae.W_enc[0]
-    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9).resolved(10)
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9, optimizer=optimizer).resolved(10)
     state = new_state(sae, cfg, 10, "cpu")
     x = torch.randn(64, 4)
     train_steps({0: state}, {0: x}, cfg, 0)  # the schedule-free z buffers now differ from the parameters
@@ -92,6 +93,10 @@ def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead():
     assert abs(float(sae.W_dec_FD[kept].detach() @ sae.W_dec_FD[dropped].detach())) < 0.9
     torch.testing.assert_close(sae.W_enc[dropped].norm(), norm_before / 10)
     assert sae.b_enc[dropped] == 0
+    if optimizer is OptimizerName.adam:  # the rewritten rows' moments restart
+        moments = state.opt.state[sae.W_dec_FD]
+        assert not moments["exp_avg"][[kept, dropped]].any() and not moments["exp_avg_sq"][[kept, dropped]].any()
+        assert moments["exp_avg_sq"].any()
 
 
 def _copies_fit(merge_cos):
