@@ -170,12 +170,13 @@ class TrainerConfig:
     normalised by the residual's variance, not the input's (Gao et al.'s 1/32 is about 1/256 here at FVU 0.1)."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
-    merge_cos: Optional[float] = 0.5
-    """Merge pairs of live latents whose decoder directions are at cosine >= this and that fire on the same
-    rows (merge_cofire), every merge_every_tokens: the more frequent one takes the pair's
-    activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such copies
-    split a feature between them (docs/BENCHMARKS.md, session 9). Fresh runs only (init_from keeps every
-    source latent); None: never merge."""
+    merge_cos: Optional[float] = None
+    """Merge pairs of live latents whose decoder directions are at cosine >= this (0.5 was measured) and
+    that fire on the same rows (merge_cofire), every merge_every_tokens: the more frequent one takes the
+    pair's activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such
+    copies split a feature between them; merging finds more true features on the benchmark but costs
+    FVU and live latents, and the demo's layer 1 (docs/BENCHMARKS.md, session 9), so it is off by
+    default. Fresh runs only (init_from keeps every source latent); None: never merge."""
     merge_cofire: float = 0.5
     """A pair merges when the other latent fires on at least this share of the rows (of the merge step's
     batch) on which the rarer one fires."""

@@ -7,8 +7,8 @@ dead-latent counters. The floor, timed in the same process right after each step
 is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
 Also timed, once after the steps: a duplicate-merge pass (duplicates.merge_: the d_sae x d_sae decoder
-cosines in chunks and one encode), which fit runs between steps 32 times per run by default; the
-figure is its cost in steps, so its share of a run of S steps is 32 x that / S.
+cosines in chunks and one encode), which fit runs between steps 32 times per run when trainer.merge_cos
+is set; the figure is its cost in steps, so its share of a run of S steps is 32 x that / S.
 
 On CUDA (--device cuda) the step reads nothing back, so steps are timed together (the GPU synchronised
 once before and once after all of them) and the floor likewise; on a CPU each step is timed alone and
@@ -58,7 +58,9 @@ def main() -> None:
     total = a.warmup + a.steps
     device = torch.device(a.device)
     batches = [torch.randn(a.batch, a.d_model).to(device) for _ in range(total)]
-    cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype)).resolved(10_000)
+    cfg = TrainerConfig(batch_size=a.batch, warmup_steps=0, encoder_dtype=DType(a.dtype), merge_cos=0.5).resolved(
+        10_000
+    )
     sae = TopKSAE(a.d_model, a.d_sae, a.k)
     sae.init_weights_(batches[0].cpu(), generator=torch.Generator().manual_seed(a.seed))
     state = new_state(sae, cfg, 10_000, device)

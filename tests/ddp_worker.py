@@ -37,7 +37,9 @@ def main(out: str) -> None:
     # the default recipe (signum, centred encoder, decoder directions from the first global batches) with a
     # one-batch dead window, so that AuxK is active in most steps, and a merge pass after every fourth step
     # (each rank's co-firing counts are added, so all of them merge the same duplicates)
-    cfg = TrainerConfig(batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1, merge_every_tokens=4 * B)
+    cfg = TrainerConfig(
+        batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1, merge_cos=0.5, merge_every_tokens=4 * B
+    )
     logs = []
     init = {name: t.clone() for name, t in sae.state_dict().items()}
     calls, marks = _count_collectives()

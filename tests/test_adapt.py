@@ -51,9 +51,17 @@ def test_drift_finds_the_features_that_moved():
 def adapted(fixtures_dir, tmp_path_factory):
     """The demo on the tiny base model, then the adaptation to the tiny chat-tuned model."""
     root = tmp_path_factory.mktemp("adapt")
-    run(compose(["experiment=demo", f"run_dir={root / 'base'}", *BASE_SMALL]), Accelerator(cpu=True))
+    # merging duplicates on in both runs: the fresh one merges, the continued one must not
+    merge = "trainer.merge_cos=0.5"
+    run(compose(["experiment=demo", f"run_dir={root / 'base'}", *BASE_SMALL, merge]), Accelerator(cpu=True))
     cfg = compose(
-        ["experiment=demo_adapt", f"run_dir={root / 'adapt'}", f"init_from={root / 'base' / 'export'}", *CHAT_SMALL]
+        [
+            "experiment=demo_adapt",
+            f"run_dir={root / 'adapt'}",
+            f"init_from={root / 'base' / 'export'}",
+            *CHAT_SMALL,
+            merge,
+        ]
     )
     run(cfg, Accelerator(cpu=True))
     return root
