@@ -12,7 +12,7 @@ from torch import Tensor
 from . import distributed
 from .config import TrainerConfig
 from .optim import overwrite_rows_
-from .sae import TopKSAE
+from .sae import SparseCode, TopKSAE
 
 CHUNK = 1 << 16  # pairs whose shared rows are counted at once (a rows x CHUNK boolean)
 
@@ -50,18 +50,19 @@ def near_parallel_pairs(
 
 
 @torch.no_grad()
-def firing_counts(idx_BK: Tensor, vals_BK: Tensor, i_P: Tensor, j_P: Tensor, d_sae: int) -> Tensor:
+def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int) -> Tensor:
     """Per latent: rows fired on and positive activation sum; per pair: rows both fired on. One (d_sae * 2 + P,)
     fp32 vector [fired_F, act_F, both_P], so that data parallel adds it over ranks in one all-reduce."""
-    fired_BK = vals_BK != 0
+    vals_BK, idx_BK = code
+    fired_F = code.fire_counts(d_sae).float()
     # a plain top-k can pick negative values where fewer than k are positive: they count as firing (as in
     # the trainer's dead counters) but weigh nothing in the merged direction
-    idx_M, vals_M = idx_BK[fired_BK], vals_BK[fired_BK].float().clamp_min(0)
-    fired_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_M, torch.ones_like(vals_M))
-    act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_M, vals_M)
+    act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(
+        0, idx_BK.reshape(-1), vals_BK.reshape(-1).float().clamp_min(0)
+    )
     # rows x latents as a dense boolean, read only at the pairs' columns
     dense_BF = torch.zeros(idx_BK.shape[0], d_sae, dtype=torch.bool, device=idx_BK.device)
-    dense_BF.scatter_(1, idx_BK, fired_BK)
+    dense_BF.scatter_(1, idx_BK, vals_BK != 0)
     both = [
         (dense_BF[:, i] & dense_BF[:, j]).sum(0).float()
         for i, j in zip(i_P.split(CHUNK), j_P.split(CHUNK), strict=True)
@@ -111,8 +112,7 @@ def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerC
     steps); returns the number of merges."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
-    vals_BK, idx_BK = sae.encode_sparse(x_BD)
-    counts = distributed.sum_(firing_counts(idx_BK, vals_BK, i_P, j_P, sae.d_sae))
+    counts = distributed.sum_(firing_counts(sae.encode_sparse(x_BD), i_P, j_P, sae.d_sae))
     m = pick(sae.W_dec_FD, i_P, j_P, counts, cfg.merge_cofire)
     if m.keep_M.numel() == 0:
         return 0

@@ -8,7 +8,7 @@ from qscope_train import duplicates
 from qscope_train.config import ConfigError, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.optim import averaged_weight
-from qscope_train.sae import TopKSAE
+from qscope_train.sae import SparseCode, TopKSAE
 from qscope_train.tracking import NullBar
 from qscope_train.trainer import fit, new_state, train_steps
 
@@ -39,7 +39,7 @@ def test_firing_counts_count_rows_activations_and_rows_shared():
     idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1]])
     # row 1's latent 2 did not fire; row 2's latent 1 fired negative (a plain top-k can): counted, weightless
     vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [-1.0, 1.0], [0.5, 0.5]])
-    counts = duplicates.firing_counts(idx, vals, torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
+    counts = duplicates.firing_counts(SparseCode(vals, idx), torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
     fired, act, both = counts[:3], counts[3:6], counts[6:]
     assert fired.tolist() == [3, 3, 1]
     assert act.tolist() == [4.5, 2.5, 1.0]
