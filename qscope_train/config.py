@@ -170,16 +170,26 @@ class TrainerConfig:
     normalised by the residual's variance, not the input's (Gao et al.'s 1/32 is about 1/256 here at FVU 0.1)."""
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
-    merge_cos: Optional[float] = None
-    """Merge pairs of live latents whose decoder directions are at cosine >= this (0.5 was measured) and
-    that fire on the same rows (merge_cofire), every merge_every_tokens: the more frequent one takes the
-    pair's activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such
-    copies split a feature between them; merging finds more true features on the benchmark but costs
-    FVU and live latents, and the demo's layer 1 (docs/BENCHMARKS.md, session 9), so it is off by
-    default. Fresh runs only (init_from keeps every source latent); None: never merge."""
+    merge_cos: Optional[float] = 0.5
+    """Merge pairs of live latents whose decoder directions are at cosine >= this and that fire on the
+    same rows (merge_cofire, merge_cofire_frequent), where the merge costs little (merge_max_cost), every
+    merge_every_tokens once the first dead window is over: the more frequent one takes the pair's
+    activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such copies
+    split a feature between them; merging finds more true features on the benchmark, at some cost in
+    FVU and live latents (docs/BENCHMARKS.md, sessions 9 and 10). Fresh runs only (init_from keeps every
+    source latent); None: never merge."""
     merge_cofire: float = 0.5
     """A pair merges when the other latent fires on at least this share of the rows (of the merge step's
     batch) on which the rarer one fires."""
+    merge_cofire_frequent: float = 0.25
+    """... and the shared rows are at least this share of the more frequent latent's rows: a latent that
+    mostly fires elsewhere (a dense filler of the top-k slots a row does not need, tilted towards a
+    feature) is not a copy, and keeping it would drop the feature's own latent."""
+    merge_max_cost: Optional[float] = 0.1
+    """A pair merges only if the merge as made (the kept latent moved, the other's output lost;
+    duplicates.merge_cost) adds at most this share to the step's squared reconstruction error: copies of a
+    rare feature cost little; two latents that each carry much of the residual are left apart (on the
+    demo's residuals one such merge multiplied the error by 8). None: no limit."""
     merge_every_tokens: Optional[int] = None
     """Tokens between merge passes (each a d_sae x d_sae cosine pass and one encode of the step's batch);
     None: 1/32 of the run's tokens."""
@@ -231,6 +241,10 @@ class TrainerConfig:
             raise ConfigError(f"trainer.merge_cos must be in (0, 1) or null, got {self.merge_cos}")
         if not 0 < self.merge_cofire <= 1:
             raise ConfigError(f"trainer.merge_cofire must be in (0, 1], got {self.merge_cofire}")
+        if not 0 <= self.merge_cofire_frequent <= 1:
+            raise ConfigError(f"trainer.merge_cofire_frequent must be in [0, 1], got {self.merge_cofire_frequent}")
+        if self.merge_max_cost is not None and self.merge_max_cost <= 0:
+            raise ConfigError(f"trainer.merge_max_cost must be positive or null, got {self.merge_max_cost}")
         if self.merge_every_tokens is not None and self.merge_every_tokens <= 0:
             raise ConfigError(f"trainer.merge_every_tokens must be positive, got {self.merge_every_tokens}")
         if self.encoder_init_norm <= 0:

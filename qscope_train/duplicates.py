@@ -50,54 +50,90 @@ def near_parallel_pairs(
 
 
 @torch.no_grad()
-def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int) -> Tensor:
-    """Per latent: rows fired on and positive activation sum; per pair: rows both fired on. One (d_sae * 2 + P,)
-    fp32 vector [fired_F, act_F, both_P], so that data parallel adds it over ranks in one all-reduce."""
+def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: int = 1024) -> Tensor:
+    """Per latent: rows fired on, positive activation sum and sum of squares; per pair: rows both fired on
+    and the sum of their activations' products. One (d_sae * 3 + 2P,) fp32 vector [fired_F, act_F, sq_F,
+    both_P, cross_P], so that data parallel adds it over ranks in one all-reduce. The codes are made dense
+    `rows` rows at a time."""
     vals_BK, idx_BK = code
     fired_F = code.fire_counts(d_sae).float()
     # a plain top-k can pick negative values where fewer than k are positive: they count as firing (as in
     # the trainer's dead counters) but weigh nothing in the merged direction
-    act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(
-        0, idx_BK.reshape(-1), vals_BK.reshape(-1).float().clamp_min(0)
-    )
-    # rows x latents as a dense boolean, read only at the pairs' columns
-    dense_BF = torch.zeros(idx_BK.shape[0], d_sae, dtype=torch.bool, device=idx_BK.device)
-    dense_BF.scatter_(1, idx_BK, vals_BK != 0)
-    both = [
-        (dense_BF[:, i] & dense_BF[:, j]).sum(0).float()
-        for i, j in zip(i_P.split(CHUNK), j_P.split(CHUNK), strict=True)
-    ]
-    return torch.cat([fired_F, act_F, *both])
+    pos_BK = vals_BK.float().clamp_min(0)
+    act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_BK.reshape(-1), pos_BK.reshape(-1))
+    sq_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_BK.reshape(-1), pos_BK.square().reshape(-1))
+    both_P = torch.zeros(i_P.shape[0], device=idx_BK.device)
+    cross_P = torch.zeros_like(both_P)
+    for start in range(0, idx_BK.shape[0], rows):
+        # rows x latents, read only at the pairs' columns
+        idx, vals, pos = (t[start : start + rows] for t in (idx_BK, vals_BK, pos_BK))
+        fired_RF = torch.zeros(idx.shape[0], d_sae, dtype=torch.bool, device=idx.device).scatter_(1, idx, vals != 0)
+        act_RF = torch.zeros(idx.shape[0], d_sae, device=idx.device).scatter_(1, idx, pos)
+        for p in range(0, i_P.shape[0], CHUNK):
+            i, j = i_P[p : p + CHUNK], j_P[p : p + CHUNK]
+            both_P[p : p + CHUNK] += (fired_RF[:, i] & fired_RF[:, j]).sum(0)
+            cross_P[p : p + CHUNK] += (act_RF[:, i] * act_RF[:, j]).sum(0)
+    return torch.cat([fired_F, act_F, sq_F, both_P, cross_P])
 
 
-def pick(W_dec_FD: Tensor, i_P: Tensor, j_P: Tensor, counts: Tensor, cofire: float, min_rows: int = 4) -> Merges:
+def merge_cost(
+    unit_FD: Tensor, keep_P: Tensor, drop_P: Tensor, direction_PD: Tensor, sq_F: Tensor, cross_P: Tensor
+) -> Tensor:
+    """Per pair, the squared error a merge adds on the counted rows, before training adapts: the kept
+    latent k keeps its activations a_k but moves to the unit direction m, the dropped r's output a_r d_r
+    is lost: sum_rows |a_k (d_k - m) + a_r d_r|^2, from the activations' second moments (unit decoders)."""
+    d_k, d_r = unit_FD[keep_P], unit_FD[drop_P]
+    k_m, r_m, k_r = (torch.linalg.vecdot(a, b) for a, b in ((d_k, direction_PD), (d_r, direction_PD), (d_k, d_r)))
+    return sq_F[keep_P] * (2 - 2 * k_m) + sq_F[drop_P] + 2 * cross_P * (k_r - r_m)
+
+
+def pick(
+    W_dec_FD: Tensor,
+    i_P: Tensor,
+    j_P: Tensor,
+    counts: Tensor,
+    cofire: float,
+    cofire_frequent: float = 0.0,
+    max_cost: float | None = None,
+    min_rows: int = 4,
+) -> Merges:
     """The merges: pairs in which the rarer latent fired on at least `min_rows` rows and shared at least
-    `cofire` of them with the other, taken greedily in the pairs' order (most parallel first), each latent
-    in one merge at most. The more frequent latent is kept, with the activation-weighted mean of the two
+    `cofire` of them with the other, which shared at least `cofire_frequent` of its own rows (a latent
+    that mostly fires elsewhere, such as a dense filler of spare top-k slots, is no copy), and (unless
+    max_cost is None) whose merge_cost is at most `max_cost` times the rows' squared reconstruction
+    error (counts' last entry); taken greedily in the pairs' order (most parallel first), each latent in
+    one merge at most. The more frequent latent is kept, with the activation-weighted mean of the two
     directions."""
-    d_sae = W_dec_FD.shape[0]
-    fired_F, act_F, both_P = counts[:d_sae], counts[d_sae : 2 * d_sae], counts[2 * d_sae :]
-    rarer_P = torch.minimum(fired_F[i_P], fired_F[j_P])
-    ok = (both_P >= min_rows) & (both_P >= cofire * rarer_P)
-    keep, drop, used = [], [], set()
-    for a, b in zip(i_P[ok].tolist(), j_P[ok].tolist(), strict=True):
+    d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
+    fired_F, act_F, sq_F = counts[:d_sae], counts[d_sae : 2 * d_sae], counts[2 * d_sae : 3 * d_sae]
+    both_P, cross_P = counts[3 * d_sae : 3 * d_sae + n_pairs], counts[3 * d_sae + n_pairs : 3 * d_sae + 2 * n_pairs]
+    first_kept = fired_F[i_P] >= fired_F[j_P]
+    keep_P, drop_P = torch.where(first_kept, i_P, j_P), torch.where(first_kept, j_P, i_P)
+    # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
+    weight_F = act_F + 1e-12
+    unit_FD = torch.nn.functional.normalize(W_dec_FD.float(), dim=1)
+    mixed_PD = weight_F[keep_P, None] * unit_FD[keep_P] + weight_F[drop_P, None] * unit_FD[drop_P]
+    direction_PD = torch.nn.functional.normalize(mixed_PD, dim=1)
+    ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[drop_P]) & (both_P >= cofire_frequent * fired_F[keep_P])
+    if max_cost is not None:
+        err = counts[3 * d_sae + 2 * n_pairs]
+        ok &= merge_cost(unit_FD, keep_P, drop_P, direction_PD, sq_F, cross_P) <= max_cost * err
+    chosen, used = [], set()
+    rows = ok.nonzero().squeeze(1)
+    for p, a, b in zip(rows.tolist(), keep_P[rows].tolist(), drop_P[rows].tolist(), strict=True):
         if a in used or b in used:
             continue
         used.update((a, b))
-        keep_one, drop_one = (a, b) if fired_F[a] >= fired_F[b] else (b, a)
-        keep.append(keep_one)
-        drop.append(drop_one)
-    device = W_dec_FD.device
-    keep_M = torch.tensor(keep, dtype=torch.long, device=device)
-    drop_M = torch.tensor(drop, dtype=torch.long, device=device)
-    weight_F = act_F + 1e-12  # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
-    mixed_MD = weight_F[keep_M, None] * W_dec_FD[keep_M] + weight_F[drop_M, None] * W_dec_FD[drop_M]
-    return Merges(keep_M, drop_M, torch.nn.functional.normalize(mixed_MD, dim=1))
+        chosen.append(p)
+    chosen_M = torch.tensor(chosen, dtype=torch.long, device=W_dec_FD.device)
+    return Merges(keep_P[chosen_M], drop_P[chosen_M], direction_PD[chosen_M])
 
 
 def merge_step(step: int, cfg: TrainerConfig) -> bool:
-    """Whether a merge pass follows step `step` (cfg resolved): after every merge_every_tokens tokens."""
-    if cfg.merge_cos is None:
+    """Whether a merge pass follows step `step` (cfg resolved): after every merge_every_tokens tokens, once
+    the first dead window is over. Before that the decoders are still near their initialisation, and
+    AuxK, which retrains the latents a merge restarts, has not begun."""
+    if cfg.merge_cos is None or (step + 1) * cfg.batch_size < cfg.dead_after_tokens:
         return False
     every = max(1, cfg.merge_every_tokens // cfg.batch_size)
     return (step + 1) % every == 0
@@ -112,8 +148,10 @@ def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerC
     steps); returns the number of merges."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
-    counts = distributed.sum_(firing_counts(sae.encode_sparse(x_BD), i_P, j_P, sae.d_sae))
-    m = pick(sae.W_dec_FD, i_P, j_P, counts, cfg.merge_cofire)
+    code = sae.encode_sparse(x_BD)
+    err = (x_BD - sae.decode_sparse(code)).float().square().sum()
+    counts = distributed.sum_(torch.cat([firing_counts(code, i_P, j_P, sae.d_sae), err[None]]))
+    m = pick(sae.W_dec_FD, i_P, j_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
     if m.keep_M.numel() == 0:
         return 0
     g = torch.Generator(device=sae.W_dec_FD.device).manual_seed(seed)

@@ -258,8 +258,9 @@ def run_ours(d, seed: int, tokens: int, eval_every: int, overrides: list[str]) -
         s = clock.exclude(measure)
         curve.append({"tokens": (step + 1) * shape.batch, "seconds": round(clock.elapsed(), 2), **s})
 
-    fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
-    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, **_summary(curve)}, sae
+    summary = fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
+    merged = summary[0]["duplicates_merged"]
+    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, "merged": merged, **_summary(curve)}, sae
 
 
 def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path | None = None) -> list[dict]:

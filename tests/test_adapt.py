@@ -51,9 +51,11 @@ def test_drift_finds_the_features_that_moved():
 def adapted(fixtures_dir, tmp_path_factory):
     """The demo on the tiny base model, then the adaptation to the tiny chat-tuned model."""
     root = tmp_path_factory.mktemp("adapt")
-    # merging duplicates on in both runs: the fresh one merges, the continued one must not
+    # merging duplicates on in both runs: the fresh one merges, the continued one must not (merge passes
+    # start after the first dead window: the demo's 200K tokens would be longer than this run)
     merge = "trainer.merge_cos=0.5"
-    run(compose(["experiment=demo", f"run_dir={root / 'base'}", *BASE_SMALL, merge]), Accelerator(cpu=True))
+    window = "trainer.dead_after_tokens=32768"
+    run(compose(["experiment=demo", f"run_dir={root / 'base'}", *BASE_SMALL, merge, window]), Accelerator(cpu=True))
     cfg = compose(
         [
             "experiment=demo_adapt",
@@ -61,6 +63,7 @@ def adapted(fixtures_dir, tmp_path_factory):
             f"init_from={root / 'base' / 'export'}",
             *CHAT_SMALL,
             merge,
+            window,
         ]
     )
     run(cfg, Accelerator(cpu=True))

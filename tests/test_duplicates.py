@@ -1,6 +1,8 @@
 """Duplicate latents: finding near-parallel pairs, counting co-firing, choosing merges, and a fit that
 merges planted copies (and keeps them without trainer.merge_cos)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,11 +41,20 @@ def test_firing_counts_count_rows_activations_and_rows_shared():
     idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1]])
     # row 1's latent 2 did not fire; row 2's latent 1 fired negative (a plain top-k can): counted, weightless
     vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [-1.0, 1.0], [0.5, 0.5]])
-    counts = duplicates.firing_counts(SparseCode(vals, idx), torch.tensor([0, 1]), torch.tensor([1, 2]), 3)
-    fired, act, both = counts[:3], counts[3:6], counts[6:]
-    assert fired.tolist() == [3, 3, 1]
-    assert act.tolist() == [4.5, 2.5, 1.0]
-    assert both.tolist() == [2, 1]  # (0, 1) on rows 0 and 3; (1, 2) on row 2
+    for rows in (1, 3, 1024):  # the dense codes are built a few rows at a time
+        counts = duplicates.firing_counts(SparseCode(vals, idx), torch.tensor([0, 1]), torch.tensor([1, 2]), 3, rows)
+        fired, act, sq, both, cross = counts.split([3, 3, 3, 2, 2])
+        assert fired.tolist() == [3, 3, 1]
+        assert act.tolist() == [4.5, 2.5, 1.0]
+        assert sq.tolist() == [10.25, 4.25, 1.0]
+        assert both.tolist() == [2, 1]  # (0, 1) on rows 0 and 3; (1, 2) on row 2
+        assert cross.tolist() == [2.25, 0.0]  # 1 * 2 + 0.5 * 0.5; the negative value weighs nothing
+
+
+def _counts(fired, act, both, sq=None, cross=None, err=None):
+    sq = torch.zeros_like(fired) if sq is None else sq
+    cross = torch.zeros_like(both) if cross is None else cross
+    return torch.cat([fired, act, sq, both, cross, *([] if err is None else [torch.tensor([err])])])
 
 
 def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
@@ -52,17 +63,45 @@ def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
     fired = torch.tensor([10.0, 20.0, 10.0, 5.0])
     act = torch.tensor([1.0, 3.0, 1.0, 1.0])
     both = torch.tensor([9.0, 9.0, 9.0])  # every pair co-fires; each latent may merge once
-    m = duplicates.pick(W, i, j, torch.cat([fired, act, both]), cofire=0.5)
+    m = duplicates.pick(W, i, j, _counts(fired, act, both), cofire=0.5)
     assert m.keep_M.tolist() == [1] and m.drop_M.tolist() == [0]  # latent 1 fires more often
     want = torch.nn.functional.normalize(3.0 * W[1] + 1.0 * W[0], dim=0)
     torch.testing.assert_close(m.direction_MD[0], want)
     # a pair that only ever fired at 0 still merges into a unit direction
-    zero = duplicates.pick(W, i, j, torch.cat([fired, torch.zeros(4), both]), cofire=0.5)
+    zero = duplicates.pick(W, i, j, _counts(fired, torch.zeros(4), both), cofire=0.5)
     torch.testing.assert_close(zero.direction_MD.norm(dim=1), torch.ones(1))
     # split features (parallel, but firing on different rows) and rare pairs stay apart
     for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
-        counts = torch.cat([torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0])])
+        counts = _counts(torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0]))
         assert duplicates.pick(W, i, j, counts, cofire=0.5).keep_M.numel() == 0
+    # a dense latent (100 rows) that fires on all 10 rows of a rarer one shares a tenth of its own rows:
+    # no copy under cofire_frequent 0.25, so the rarer latent is not dropped for it
+    counts = _counts(torch.tensor([100.0, 10, 0, 0]), act, torch.tensor([10.0, 0, 0]))
+    assert duplicates.pick(W, i, j, counts, 0.5, cofire_frequent=0.25).keep_M.numel() == 0
+    assert duplicates.pick(W, i, j, counts, 0.5, cofire_frequent=0.1).keep_M.tolist() == [0]
+
+
+def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    W[1] = torch.nn.functional.normalize(W[0] + 0.5 * W[2], dim=0)  # latent 1 near latent 0
+    a = torch.rand(50, 3, generator=g) * (torch.rand(50, 3, generator=g) < 0.6)
+    a[:, 0] += 0.1  # latent 0 fires on every row, so it is the one kept
+    code = SparseCode(a, torch.arange(3).expand(50, 3))
+    i, j = torch.tensor([0]), torch.tensor([1])
+    counts = duplicates.firing_counts(code, i, j, 3)
+    fired, act, sq, both, cross = counts.split([3, 3, 3, 1, 1])
+    m = duplicates.pick(W, i, j, counts, cofire=0.1)
+    assert m.keep_M.tolist() == [0] and m.drop_M.tolist() == [1]
+    cost = duplicates.merge_cost(W, m.keep_M, m.drop_M, m.direction_MD, sq, cross)
+    before, after = a[:, :2] @ W[:2], a[:, :1] @ m.direction_MD  # latent 0 keeps its activations
+    torch.testing.assert_close(cost, (before - after).square().sum()[None])
+    # the cap compares it with the counted rows' squared error (the entry after the counts)
+    for err, merges in ((float(cost) * 10.5, 1), (float(cost) * 9.5, 0)):
+        assert (
+            duplicates.pick(W, i, j, torch.cat([counts, torch.tensor([err])]), 0.1, max_cost=0.1).keep_M.numel()
+            == merges
+        )
 
 
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
@@ -72,7 +111,8 @@ def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead(optim
     with torch.no_grad():
         sae.W_dec_FD[1] = sae.W_dec_FD[0] * 0.99 + 0.01 * sae.W_dec_FD[2]
         sae.W_enc[1] = sae.W_enc[0]
-    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9, optimizer=optimizer).resolved(10)
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9, merge_max_cost=None, optimizer=optimizer)
+    cfg = cfg.resolved(10)
     state = new_state(sae, cfg, 10, "cpu")
     x = torch.randn(64, 4)
     train_steps({0: state}, {0: x}, cfg, 0)  # the schedule-free z buffers now differ from the parameters
@@ -84,6 +124,8 @@ def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead(optim
     code = sae.encode_sparse(x)
     assert ((code.idx_BK == 0).any(1) & (code.idx_BK == 1).any(1)).sum() >= 4
     norm_before = sae.W_enc[0].norm()
+    strict = dataclasses.replace(cfg, merge_max_cost=1e-6)  # a merge that would cost anything is refused
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F.clone(), x, strict, seed=3) == 0
     assert duplicates.merge_(sae, state.opt, state.since_fired_F, x, cfg, seed=3) >= 1
     W_avg = averaged_weight(state.opt, sae.W_dec_FD)
     kept, dropped = (0, 1) if state.since_fired_F[1] >= cfg.dead_after_tokens else (1, 0)
@@ -135,8 +177,23 @@ def test_a_fit_merges_planted_copies_and_keeps_them_without_merging():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"merge_cos": 1.0}, {"merge_cos": 0.0}, {"merge_cofire": 0.0}, {"merge_every_tokens": 0}]
+    "bad",
+    [
+        {"merge_cos": 1.0},
+        {"merge_cos": 0.0},
+        {"merge_cofire": 0.0},
+        {"merge_every_tokens": 0},
+        {"merge_max_cost": 0.0},
+        {"merge_cofire_frequent": 1.5},
+    ],
 )
 def test_merge_settings_out_of_range_are_config_errors(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainerConfig(**bad)
+
+
+def test_merge_passes_start_after_the_first_dead_window():
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
+    # every third step, from the tenth step's end on (1,000 tokens)
+    assert [s for s in range(40) if duplicates.merge_step(s, cfg)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
+    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None)) for s in range(40))
