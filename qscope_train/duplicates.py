@@ -26,11 +26,11 @@ class Merges(NamedTuple):
 @torch.no_grad()
 def near_parallel_pairs(
     W_dec_FD: Tensor, alive_F: Tensor, cos: float, partners: int = 4, chunk: int = 2048
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Pairs (i_P, j_P), i < j, of latents in alive_F (d_sae,) bool whose decoder rows (W_dec_FD, d_sae x
     d_model) are at cosine >= cos, at most `partners` per latent i (its most parallel ones, so that the
-    pairs stay O(d_sae) however clustered the directions are), ordered by decreasing cosine. The
-    d_sae x d_sae cosines are formed `chunk` rows at a time."""
+    pairs stay O(d_sae) however clustered the directions are), ordered by decreasing cosine, and their
+    cosines c_P. The d_sae x d_sae cosines are formed `chunk` rows at a time."""
     alive = alive_F.nonzero().squeeze(1)
     unit_AD = torch.nn.functional.normalize(W_dec_FD[alive].float(), dim=1)
     none = alive[:0]
@@ -46,7 +46,7 @@ def near_parallel_pairs(
         c_parts.append(top_CT[r, t])
     i_P, j_P, c_P = torch.cat(i_parts), torch.cat(j_parts), torch.cat(c_parts)
     order = c_P.argsort(descending=True, stable=True)
-    return alive[i_P[order]], alive[j_P[order]]
+    return alive[i_P[order]], alive[j_P[order]], c_P[order]
 
 
 @torch.no_grad()
@@ -77,20 +77,22 @@ def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: 
 
 
 def merge_cost(
-    unit_FD: Tensor, keep_P: Tensor, drop_P: Tensor, direction_PD: Tensor, sq_F: Tensor, cross_P: Tensor
+    c_P: Tensor, w_keep_P: Tensor, w_drop_P: Tensor, sq_keep_P: Tensor, sq_drop_P: Tensor, cross_P: Tensor
 ) -> Tensor:
     """Per pair, the squared error a merge adds on the counted rows, before training adapts: the kept
-    latent k keeps its activations a_k but moves to the unit direction m, the dropped r's output a_r d_r
-    is lost: sum_rows |a_k (d_k - m) + a_r d_r|^2, from the activations' second moments (unit decoders)."""
-    d_k, d_r = unit_FD[keep_P], unit_FD[drop_P]
-    k_m, r_m, k_r = (torch.linalg.vecdot(a, b) for a, b in ((d_k, direction_PD), (d_r, direction_PD), (d_k, d_r)))
-    return sq_F[keep_P] * (2 - 2 * k_m) + sq_F[drop_P] + 2 * cross_P * (k_r - r_m)
+    latent k keeps its activations a_k but moves to m, the unit direction of w_k d_k + w_r d_r, and the
+    dropped r's output a_r d_r is lost: sum_rows |a_k (d_k - m) + a_r d_r|^2. From the unit decoders'
+    cosine c_P, the weights and the activations' second moments alone (no pair x d_model tensor)."""
+    norm = (w_keep_P.square() + w_drop_P.square() + 2 * w_keep_P * w_drop_P * c_P).clamp_min(1e-30).sqrt()
+    k_m, r_m = (w_keep_P + w_drop_P * c_P) / norm, (w_keep_P * c_P + w_drop_P) / norm
+    return sq_keep_P * (2 - 2 * k_m) + sq_drop_P + 2 * cross_P * (c_P - r_m)
 
 
 def pick(
     W_dec_FD: Tensor,
     i_P: Tensor,
     j_P: Tensor,
+    c_P: Tensor,
     counts: Tensor,
     cofire: float,
     cofire_frequent: float = 0.0,
@@ -111,13 +113,11 @@ def pick(
     keep_P, drop_P = torch.where(first_kept, i_P, j_P), torch.where(first_kept, j_P, i_P)
     # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
     weight_F = act_F + 1e-12
-    unit_FD = torch.nn.functional.normalize(W_dec_FD.float(), dim=1)
-    mixed_PD = weight_F[keep_P, None] * unit_FD[keep_P] + weight_F[drop_P, None] * unit_FD[drop_P]
-    direction_PD = torch.nn.functional.normalize(mixed_PD, dim=1)
     ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[drop_P]) & (both_P >= cofire_frequent * fired_F[keep_P])
     if max_cost is not None:
         err = counts[3 * d_sae + 2 * n_pairs]
-        ok &= merge_cost(unit_FD, keep_P, drop_P, direction_PD, sq_F, cross_P) <= max_cost * err
+        cost_P = merge_cost(c_P, weight_F[keep_P], weight_F[drop_P], sq_F[keep_P], sq_F[drop_P], cross_P)
+        ok &= cost_P <= max_cost * err
     chosen, used = [], set()
     rows = ok.nonzero().squeeze(1)
     for p, a, b in zip(rows.tolist(), keep_P[rows].tolist(), drop_P[rows].tolist(), strict=True):
@@ -126,7 +126,11 @@ def pick(
         used.update((a, b))
         chosen.append(p)
     chosen_M = torch.tensor(chosen, dtype=torch.long, device=W_dec_FD.device)
-    return Merges(keep_P[chosen_M], drop_P[chosen_M], direction_PD[chosen_M])
+    keep_M, drop_M = keep_P[chosen_M], drop_P[chosen_M]
+    unit = torch.nn.functional.normalize
+    d_keep_MD, d_drop_MD = unit(W_dec_FD[keep_M].float(), dim=1), unit(W_dec_FD[drop_M].float(), dim=1)
+    mixed_MD = weight_F[keep_M, None] * d_keep_MD + weight_F[drop_M, None] * d_drop_MD
+    return Merges(keep_M, drop_M, unit(mixed_MD, dim=1))
 
 
 def merge_step(step: int, cfg: TrainerConfig) -> bool:
@@ -147,11 +151,11 @@ def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerC
     row at a tenth of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between
     steps); returns the number of merges."""
     alive_F = since_fired_F < cfg.dead_after_tokens
-    i_P, j_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
+    i_P, j_P, c_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
     code = sae.encode_sparse(x_BD)
     err = (x_BD - sae.decode_sparse(code)).float().square().sum()
     counts = distributed.sum_(torch.cat([firing_counts(code, i_P, j_P, sae.d_sae), err[None]]))
-    m = pick(sae.W_dec_FD, i_P, j_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
+    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
     if m.keep_M.numel() == 0:
         return 0
     g = torch.Generator(device=sae.W_dec_FD.device).manual_seed(seed)

@@ -23,17 +23,18 @@ def test_near_parallel_pairs_are_found_in_chunks_most_parallel_first_and_only_am
     W = _unit([1, 0, 0, 0], [0, 1, 0, 0], [0.95, 0.1, 0, 0], [0, 0, 1, 0], [0, 0.8, 0.6, 0], [0, 0, 0, 1])
     alive = torch.ones(6, dtype=torch.bool)
     for chunk in (1, 2, 2048):
-        i, j = duplicates.near_parallel_pairs(W, alive, 0.75, chunk=chunk)
+        i, j, c = duplicates.near_parallel_pairs(W, alive, 0.75, chunk=chunk)
         # cos(0, 2) = 0.994, cos(1, 4) = 0.8; (3, 4) at 0.6 is below the bar
         assert (i.tolist(), j.tolist()) == ([0, 1], [2, 4])
+        torch.testing.assert_close(c, torch.linalg.vecdot(W[i], W[j]))
     alive[2] = False
-    i, j = duplicates.near_parallel_pairs(W, alive, 0.75)
+    i, j, _ = duplicates.near_parallel_pairs(W, alive, 0.75)
     assert (i.tolist(), j.tolist()) == ([1], [4])
-    i, j = duplicates.near_parallel_pairs(W, torch.zeros(6, dtype=torch.bool), 0.75)
-    assert i.numel() == j.numel() == 0
+    i, j, c = duplicates.near_parallel_pairs(W, torch.zeros(6, dtype=torch.bool), 0.75)
+    assert i.numel() == j.numel() == c.numel() == 0
     # a cluster of 10 directions: each latent keeps its `partners` most parallel later latents
     cluster = torch.nn.functional.normalize(torch.ones(10, 8) + 0.1 * torch.randn(10, 8), dim=1)
-    i, j = duplicates.near_parallel_pairs(cluster, torch.ones(10, dtype=torch.bool), 0.5, partners=2)
+    i, j, _ = duplicates.near_parallel_pairs(cluster, torch.ones(10, dtype=torch.bool), 0.5, partners=2)
     assert torch.bincount(i, minlength=10).tolist() == [2] * 8 + [1, 0] and (i < j).all()
 
 
@@ -60,25 +61,26 @@ def _counts(fired, act, both, sq=None, cross=None, err=None):
 def test_pick_merges_co_firing_pairs_once_each_keeping_the_frequent_latent():
     W = _unit([1, 0], [0.9, 0.1], [0.8, 0.3], [0, 1])
     i, j = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 2])
+    c = torch.linalg.vecdot(W[i], W[j])
     fired = torch.tensor([10.0, 20.0, 10.0, 5.0])
     act = torch.tensor([1.0, 3.0, 1.0, 1.0])
     both = torch.tensor([9.0, 9.0, 9.0])  # every pair co-fires; each latent may merge once
-    m = duplicates.pick(W, i, j, _counts(fired, act, both), cofire=0.5)
+    m = duplicates.pick(W, i, j, c, _counts(fired, act, both), cofire=0.5)
     assert m.keep_M.tolist() == [1] and m.drop_M.tolist() == [0]  # latent 1 fires more often
     want = torch.nn.functional.normalize(3.0 * W[1] + 1.0 * W[0], dim=0)
     torch.testing.assert_close(m.direction_MD[0], want)
     # a pair that only ever fired at 0 still merges into a unit direction
-    zero = duplicates.pick(W, i, j, _counts(fired, torch.zeros(4), both), cofire=0.5)
+    zero = duplicates.pick(W, i, j, c, _counts(fired, torch.zeros(4), both), cofire=0.5)
     torch.testing.assert_close(zero.direction_MD.norm(dim=1), torch.ones(1))
     # split features (parallel, but firing on different rows) and rare pairs stay apart
     for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
         counts = _counts(torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0]))
-        assert duplicates.pick(W, i, j, counts, cofire=0.5).keep_M.numel() == 0
+        assert duplicates.pick(W, i, j, c, counts, cofire=0.5).keep_M.numel() == 0
     # a dense latent (100 rows) that fires on all 10 rows of a rarer one shares a tenth of its own rows:
     # no copy under cofire_frequent 0.25, so the rarer latent is not dropped for it
     counts = _counts(torch.tensor([100.0, 10, 0, 0]), act, torch.tensor([10.0, 0, 0]))
-    assert duplicates.pick(W, i, j, counts, 0.5, cofire_frequent=0.25).keep_M.numel() == 0
-    assert duplicates.pick(W, i, j, counts, 0.5, cofire_frequent=0.1).keep_M.tolist() == [0]
+    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.25).keep_M.numel() == 0
+    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.1).keep_M.tolist() == [0]
 
 
 def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
@@ -89,19 +91,18 @@ def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
     a[:, 0] += 0.1  # latent 0 fires on every row, so it is the one kept
     code = SparseCode(a, torch.arange(3).expand(50, 3))
     i, j = torch.tensor([0]), torch.tensor([1])
+    c = torch.linalg.vecdot(W[i], W[j])
     counts = duplicates.firing_counts(code, i, j, 3)
     fired, act, sq, both, cross = counts.split([3, 3, 3, 1, 1])
-    m = duplicates.pick(W, i, j, counts, cofire=0.1)
+    m = duplicates.pick(W, i, j, c, counts, cofire=0.1)
     assert m.keep_M.tolist() == [0] and m.drop_M.tolist() == [1]
-    cost = duplicates.merge_cost(W, m.keep_M, m.drop_M, m.direction_MD, sq, cross)
+    cost = duplicates.merge_cost(c, act[:1], act[1:2], sq[:1], sq[1:2], cross)
     before, after = a[:, :2] @ W[:2], a[:, :1] @ m.direction_MD  # latent 0 keeps its activations
     torch.testing.assert_close(cost, (before - after).square().sum()[None])
     # the cap compares it with the counted rows' squared error (the entry after the counts)
     for err, merges in ((float(cost) * 10.5, 1), (float(cost) * 9.5, 0)):
-        assert (
-            duplicates.pick(W, i, j, torch.cat([counts, torch.tensor([err])]), 0.1, max_cost=0.1).keep_M.numel()
-            == merges
-        )
+        with_err = torch.cat([counts, torch.tensor([err])])
+        assert duplicates.pick(W, i, j, c, with_err, 0.1, max_cost=0.1).keep_M.numel() == merges
 
 
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
