@@ -255,10 +255,12 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, center, t
         sae = TopKSAE(32, 256, 8)
         sae.init_weights_(generator=torch.Generator().manual_seed(1))
         ckpts = Checkpoints(directory, 4, 2, {"test": 1})
-        fit({0: sae}, source, cfg, 12, "cpu", lambda s, m: None, NullBar, checkpoints=ckpts)
+        merged.append(fit({0: sae}, source, cfg, 12, "cpu", lambda s, m: None, NullBar, checkpoints=ckpts))
         return sae
 
+    merged = []
     whole = train(tmp_path / "a", ListSource(batches))
+    assert merged[0][0]["duplicates_merged"] > 0  # duplicate merges (on by default) resume exactly too
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "b", ListSource(batches, fail_at=9))
     resumed = train(tmp_path / "b", ListSource(batches))
