@@ -14,7 +14,7 @@ from .config import TrainerConfig
 from .optim import overwrite_rows_
 from .sae import SparseCode, TopKSAE
 
-CHUNK = 1 << 16  # pairs whose shared rows are counted at once (a rows x CHUNK boolean)
+CHUNK = 1 << 16  # pairs whose shared rows and activation products are summed at once
 
 
 class Merges(NamedTuple):
@@ -107,15 +107,15 @@ def pick(
     one merge at most. The more frequent latent is kept, with the activation-weighted mean of the two
     directions."""
     d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
-    fired_F, act_F, sq_F = counts[:d_sae], counts[d_sae : 2 * d_sae], counts[2 * d_sae : 3 * d_sae]
-    both_P, cross_P = counts[3 * d_sae : 3 * d_sae + n_pairs], counts[3 * d_sae + n_pairs : 3 * d_sae + 2 * n_pairs]
+    sizes = [d_sae] * 3 + [n_pairs] * 2
+    fired_F, act_F, sq_F, both_P, cross_P, rest = counts.split([*sizes, counts.numel() - sum(sizes)])
     first_kept = fired_F[i_P] >= fired_F[j_P]
     keep_P, drop_P = torch.where(first_kept, i_P, j_P), torch.where(first_kept, j_P, i_P)
     # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
     weight_F = act_F + 1e-12
     ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[drop_P]) & (both_P >= cofire_frequent * fired_F[keep_P])
     if max_cost is not None:
-        err = counts[3 * d_sae + 2 * n_pairs]
+        err = rest[0]
         cost_P = merge_cost(c_P, weight_F[keep_P], weight_F[drop_P], sq_F[keep_P], sq_F[drop_P], cross_P)
         ok &= cost_P <= max_cost * err
     chosen, used = [], set()
