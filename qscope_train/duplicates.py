@@ -14,7 +14,7 @@ from .config import TrainerConfig
 from .optim import overwrite_rows_
 from .sae import SparseCode, TopKSAE
 
-CHUNK = 1 << 16  # pairs whose shared rows and activation products are summed at once
+ROW_PAIRS = 1 << 20  # (row, pair of its selected latents) entries looked up at once
 
 
 class Merges(NamedTuple):
@@ -50,29 +50,38 @@ def near_parallel_pairs(
 
 
 @torch.no_grad()
-def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: int = 1024) -> Tensor:
+def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: int | None = None) -> Tensor:
     """Per latent: rows fired on, positive activation sum and sum of squares; per pair: rows both fired on
     and the sum of their activations' products. One (d_sae * 3 + 2P,) fp32 vector [fired_F, act_F, sq_F,
-    both_P, cross_P], so that data parallel adds it over ranks in one all-reduce. The codes are made dense
-    `rows` rows at a time."""
+    both_P, cross_P], so that data parallel adds it over ranks in one all-reduce. The pair sums come from
+    each row's own pairs of selected latents (k(k-1)/2 of them) looked up among the P pairs, `rows` rows
+    at a time (None: about ROW_PAIRS lookups at once); no rows x d_sae tensor is built."""
     vals_BK, idx_BK = code
+    device = idx_BK.device
     fired_F = code.fire_counts(d_sae).float()
     # a plain top-k can pick negative values where fewer than k are positive: they count as firing (as in
     # the trainer's dead counters) but weigh nothing in the merged direction
     pos_BK = vals_BK.float().clamp_min(0)
-    act_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_BK.reshape(-1), pos_BK.reshape(-1))
-    sq_F = torch.zeros(d_sae, device=idx_BK.device).index_add_(0, idx_BK.reshape(-1), pos_BK.square().reshape(-1))
-    both_P = torch.zeros(i_P.shape[0], device=idx_BK.device)
+    act_F = torch.zeros(d_sae, device=device).index_add_(0, idx_BK.reshape(-1), pos_BK.reshape(-1))
+    sq_F = torch.zeros(d_sae, device=device).index_add_(0, idx_BK.reshape(-1), pos_BK.square().reshape(-1))
+    both_P = torch.zeros(i_P.shape[0], device=device)
     cross_P = torch.zeros_like(both_P)
-    for start in range(0, idx_BK.shape[0], rows):
-        # rows x latents, read only at the pairs' columns
-        idx, vals, pos = (t[start : start + rows] for t in (idx_BK, vals_BK, pos_BK))
-        fired_RF = torch.zeros(idx.shape[0], d_sae, dtype=torch.bool, device=idx.device).scatter_(1, idx, vals != 0)
-        act_RF = torch.zeros(idx.shape[0], d_sae, device=idx.device).scatter_(1, idx, pos)
-        for p in range(0, i_P.shape[0], CHUNK):
-            i, j = i_P[p : p + CHUNK], j_P[p : p + CHUNK]
-            both_P[p : p + CHUNK] += (fired_RF[:, i] & fired_RF[:, j]).sum(0)
-            cross_P[p : p + CHUNK] += (act_RF[:, i] * act_RF[:, j]).sum(0)
+    k = idx_BK.shape[1]
+    if i_P.numel() and k > 1:
+        # each pair as the key lo * d_sae + hi, sorted once for the lookups (int32 while the keys fit)
+        key_dtype = torch.int32 if d_sae * d_sae < 2**31 else torch.int64
+        key_S, pair_S = (torch.minimum(i_P, j_P) * d_sae + torch.maximum(i_P, j_P)).to(key_dtype).sort()
+        a_T, b_T = torch.triu_indices(k, k, 1, device=device)  # a row's pairs of top-k slots
+        rows = rows or max(1, ROW_PAIRS // a_T.numel())
+        keyed_BK = idx_BK.to(key_dtype)
+        for start in range(0, idx_BK.shape[0], rows):
+            idx, vals, pos = (t[start : start + rows] for t in (keyed_BK, vals_BK, pos_BK))
+            key_RT = torch.minimum(idx[:, a_T], idx[:, b_T]) * d_sae + torch.maximum(idx[:, a_T], idx[:, b_T])
+            at_RT = torch.searchsorted(key_S, key_RT).clamp_max_(key_S.numel() - 1)
+            r_H, t_H = (key_S[at_RT] == key_RT).nonzero(as_tuple=True)
+            p_H, a_H, b_H = pair_S[at_RT[r_H, t_H]], a_T[t_H], b_T[t_H]
+            both_P.index_add_(0, p_H, ((vals[r_H, a_H] != 0) & (vals[r_H, b_H] != 0)).float())
+            cross_P.index_add_(0, p_H, pos[r_H, a_H] * pos[r_H, b_H])
     return torch.cat([fired_F, act_F, sq_F, both_P, cross_P])
 
 
@@ -133,28 +142,34 @@ def pick(
     return Merges(keep_M, drop_M, unit(mixed_MD, dim=1))
 
 
-def merge_step(step: int, cfg: TrainerConfig) -> bool:
-    """Whether a merge pass follows step `step` (cfg resolved): after every merge_every_tokens tokens, once
-    the first dead window is over. Before that the decoders are still near their initialisation, and
-    AuxK, which retrains the latents a merge restarts, has not begun."""
+def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
+    """Whether a merge pass follows step `step` of total_steps (cfg resolved): after every
+    merge_every_tokens tokens, once the first dead window is over and until merge_until of the run. Before
+    the window the decoders are still near their initialisation, and AuxK, which retrains the latents a
+    merge restarts, has not begun; after merge_until too little of the run is left for the exported
+    (averaged) weights to repair a merge."""
     if cfg.merge_cos is None or (step + 1) * cfg.batch_size < cfg.dead_after_tokens:
+        return False
+    if step + 1 > total_steps * cfg.merge_until:
         return False
     every = max(1, cfg.merge_every_tokens // cfg.batch_size)
     return (step + 1) % every == 0
 
 
 @torch.no_grad()
-def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerConfig, seed: int) -> int:
-    """One merge pass over a training SAE, deciding from this rank's rows x_BD (added over ranks under data
-    parallel, so every rank merges the same pairs): each merge leaves the kept latent with the pair's
-    mean direction (pick) and restarts the other one dead (a random direction from `seed`, its encoder
-    row at a tenth of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between
-    steps); returns the number of merges."""
+def merge_(
+    sae: TopKSAE, opt, since_fired_F: Tensor, code: SparseCode, err: Tensor, cfg: TrainerConfig, seed: int
+) -> int:
+    """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
+    training step (the trainer keeps it: train_steps' keep_code), and `err`, that step's squared
+    reconstruction error over all ranks' rows; the counts are added over ranks under data parallel, so
+    every rank merges the same pairs. Each merge leaves the kept latent with the pair's mean direction
+    (pick) and restarts the other one dead (a random direction from `seed`, its encoder row at a tenth
+    of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between steps); returns
+    the number of merges."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P, c_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
-    code = sae.encode_sparse(x_BD)
-    err = (x_BD - sae.decode_sparse(code)).float().square().sum()
-    counts = distributed.sum_(torch.cat([firing_counts(code, i_P, j_P, sae.d_sae), err[None]]))
+    counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
     m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
     if m.keep_M.numel() == 0:
         return 0
@@ -168,3 +183,11 @@ def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, x_BD: Tensor, cfg: TrainerC
     overwrite_rows_(opt, sae.b_enc, m.drop_M, torch.zeros_like(m.drop_M, dtype=sae.b_enc.dtype))
     since_fired_F[m.drop_M] = cfg.dead_after_tokens
     return int(m.keep_M.shape[0])
+
+
+@torch.no_grad()
+def step_code(sae: TopKSAE, x_BD: Tensor) -> tuple[SparseCode, Tensor]:
+    """What merge_ takes, for a batch outside the trainer (tests, benchmarks): the SAE's top-k code of
+    x_BD and its squared reconstruction error (this process's rows only)."""
+    code = sae.encode_sparse(x_BD)
+    return code, (x_BD - sae.decode_sparse(code)).float().square().sum()

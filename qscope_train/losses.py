@@ -63,12 +63,13 @@ def dead_topk(pre_BF: Tensor, dead_F: Tensor, k_aux: int, relu: bool = False) ->
     encoder does. Live latents are masked below every dead value, so with fewer than k_aux dead latents
     the remaining picks are live ones, flagged False: the caller zeroes them. On an accelerator nothing
     is read back to the host (the number of dead latents stays on the device). On a CPU, where reading
-    the count costs nothing, fewer than a quarter of the latents dead are ranked alone: their columns
-    are gathered first (the same picks; at 1/10 dead the ranking takes a third of the masked one's time).
+    the count costs nothing, the dead latents are ranked alone: their columns are gathered first (the
+    same picks; at 4096 x 1024, k_aux 32, one thread, 5.8 instead of 18.1 ms with 1/10 dead, 19.7
+    instead of 31.3 ms with half dead, 34.3 instead of 40.7 ms with 9/10 dead).
     """
     if GATHER_DEAD_ON_CPU and pre_BF.device.type == "cpu":
         dead_idx = dead_F.nonzero().squeeze(1)
-        if 0 < dead_idx.numel() < dead_F.shape[0] // 4:
+        if 0 < dead_idx.numel() < dead_F.shape[0]:
             sub_BN = pre_BF.index_select(1, dead_idx)
             if relu:
                 sub_BN = torch.relu(sub_BN)

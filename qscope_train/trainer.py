@@ -25,7 +25,7 @@ from .data.prefetch import Item, Prefetched, to_device
 from .errors import QScopeError
 from .losses import auxk, dead_topk, global_mean, sum_stats, variance_from_stats
 from .optim import averaged_weight, build, use_averaged_weights_
-from .sae import ForwardOutput, TopKSAE
+from .sae import ForwardOutput, SparseCode, TopKSAE
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 
@@ -82,6 +82,9 @@ class LayerState:
     first_bad: Optional[Tensor] = None  # [step, loss] of the first non-finite loss; step -1 while none
     lr: float = 0.0  # the rate the last step used
     merges: int = 0  # duplicate latents merged in this process (duplicates.merge_)
+    # on a step a merge pass follows: the step's code (this rank's rows) and squared error (all ranks')
+    step_code: Optional[SparseCode] = None
+    step_err: Optional[Tensor] = None
 
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
@@ -120,9 +123,12 @@ def gemm_dtype(cfg: TrainerConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, var, fired_F, stats) -> None:
+def _backward(
+    state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, var, fired_F, stats, keep_code: bool = False
+) -> None:
     """Forward, loss and backward for one layer (its gradients accumulate into the parameters' .grad);
-    adds the rows each latent fired on to fired_F (d_sae,) and this rank's statistics to stats.
+    adds the rows each latent fired on to fired_F (d_sae,) and this rank's statistics to stats; with
+    keep_code, keeps the step's code in state.step_code for the merge pass that follows.
 
     AuxK divides by the residual variance of the previous step (resid_var): with data parallel that is
     the global batch's without a third collective, and one step's lag does not change its scale."""
@@ -137,6 +143,8 @@ def _backward(state: LayerState, x_BD: Tensor, cfg: TrainerConfig, step: int, va
     loss.backward()
     with torch.no_grad():
         vals_BK, idx_BK = out.code
+        if keep_code:
+            state.step_code = SparseCode(vals_BK.detach(), idx_BK)
         fired_BK = vals_BK != 0
         fired_F.index_add_(0, idx_BK.reshape(-1), fired_BK.reshape(-1).to(fired_F.dtype))
         e_BD = x_BD - out.x_hat_BD
@@ -170,6 +178,8 @@ def _update(state: LayerState, cfg: TrainerConfig, step: int, rows: int, fired_F
         state.fvu_ema = main.clone() if state.fvu_ema is None else state.fvu_ema * 0.9 + main * 0.1
         state.last = torch.stack([main, stats[AUXK], stats[NONZERO] / rows])
         state.resid_var = (stats[RESID_SQ] - stats[RESID_SUM:].pow(2).sum() / rows).clamp_min(0)
+        if state.step_code is not None:
+            state.step_err = stats[RESID_SQ].clone()
     state.tokens += rows
 
 
@@ -210,11 +220,13 @@ def train_steps(
     cfg: TrainerConfig,
     step: int,
     flat: Optional[FlatBuffer] = None,
+    keep_code: bool = False,
 ) -> None:
     """One optimizer step for every layer on this rank's rows xs {layer: (B, d_model)}; nothing is read back
     to the host. With several ranks (data parallel, `flat` given) it is a step on the global batch, with
     two all-reduces in all: the rows' sums and squares (each FVU's divisor), then `flat`. cfg is
-    resolved (TrainerConfig.resolved)."""
+    resolved (TrainerConfig.resolved). keep_code: leave each layer's code and squared error of this
+    step (before its update) in step_code and step_err, for a merge pass (duplicates.merge_)."""
     rows = next(iter(xs.values())).shape[0] * distributed.world()
     if not distributed.active():
         for n, state in states.items():
@@ -222,7 +234,7 @@ def train_steps(
             fired_F = torch.zeros(d_sae, device=x_BD.device)
             stats = torch.zeros(_stats_size(state.sae), device=x_BD.device)
             state.opt.zero_grad(set_to_none=True)
-            _backward(state, x_BD, cfg, step, None, fired_F, stats)
+            _backward(state, x_BD, cfg, step, None, fired_F, stats, keep_code)
             _update(state, cfg, step, rows, fired_F, stats)
         return
     assert flat is not None, "data parallel needs the FlatBuffer"
@@ -231,7 +243,7 @@ def train_steps(
     for i, (n, state) in enumerate(states.items()):
         flat.attach(n, state.sae)
         _, fired_F, stats = flat.views[n]
-        _backward(state, xs[n].float(), cfg, step, variance_from_stats(x_stats[i]), fired_F, stats)
+        _backward(state, xs[n].float(), cfg, step, variance_from_stats(x_stats[i]), fired_F, stats, keep_code)
     distributed.sum_(flat.buffer)
     for n, state in states.items():
         _, fired_F, stats = flat.views[n]
@@ -339,11 +351,13 @@ def fit(
                 if first_step is None:  # the initialisation's collectives are not the steps'
                     traffic_before, first_step = distributed.traffic(), step
                 xs = to_device(batch, device)
-                train_steps(states, xs, cfg, step, flat)
-                if merge and duplicates.merge_step(step, cfg):
+                merging = merge and duplicates.merge_step(step, cfg, total_steps)
+                train_steps(states, xs, cfg, step, flat, keep_code=merging)
+                if merging:
                     for n, s in states.items():
                         seed = (cfg.seed * 1_000_003 + n) * 1_000_003 + step
-                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, xs[n].float(), cfg, seed)
+                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, cfg, seed)
+                        s.step_code = s.step_err = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     _check_finite(states, checkpoints)
                     metrics = _read_metrics(states, cfg)

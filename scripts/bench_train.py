@@ -7,9 +7,10 @@ dead-latent counters. The floor, timed in the same process right after each step
 is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
 Also timed, once after the steps: a duplicate-merge pass (duplicates.merge_: the d_sae x d_sae decoder
-cosines in chunks, one encode and decode, the pairs' co-firing sums), which a fresh fit runs between
-steps up to 32 times per run (trainer.merge_cos, on by default; none before the first dead window); the
-figure is its cost in steps, so its share of a run of S steps is at most 32 x that / S.
+cosines in chunks, the pairs' co-firing sums from the last step's code, kept by that step as the
+trainer does), which a fresh fit runs between steps about 30 times per run (trainer.merge_cos, on by
+default; every 1/64 of the run from the first dead window to merge_until, half the run); the figure is
+its cost in steps, so its share of a run of S steps is about 30 x that / S.
 
 On CUDA (--device cuda) the step reads nothing back, so steps are timed together (the GPU synchronised
 once before and once after all of them) and the floor likewise; on a CPU each step is timed alone and
@@ -31,7 +32,7 @@ import torch
 from qscope_train import duplicates
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
-from qscope_train.trainer import keep_freed_memory_on_cpu, new_state, train_step
+from qscope_train.trainer import keep_freed_memory_on_cpu, new_state, train_step, train_steps
 
 
 def main() -> None:
@@ -111,9 +112,11 @@ def main() -> None:
                 floor.append(time.perf_counter() - t1)
     metrics = dict(zip(("fvu", "auxk", "l0"), state.last.tolist(), strict=True))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # one more (untimed) step, keeping its code for the pass as a fit does on a step a pass follows
+    train_steps({0: state}, {0: batches[-1]}, cfg, len(batches), keep_code=True)
     sync()
     t0 = time.perf_counter()
-    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, batches[-1], cfg, a.seed)
+    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, state.step_code, state.step_err, cfg, a.seed)
     sync()
     merge_s = time.perf_counter() - t0
 

@@ -38,7 +38,13 @@ def main(out: str) -> None:
     # one-batch dead window, so that AuxK is active in most steps, and a merge pass after every fourth step
     # (each rank's co-firing counts are added, so all of them merge the same duplicates)
     cfg = TrainerConfig(
-        batch_size=B, lr=1e-2, dead_after_tokens=B, log_every=1, merge_cos=0.5, merge_every_tokens=4 * B
+        batch_size=B,
+        lr=1e-2,
+        dead_after_tokens=B,
+        log_every=1,
+        merge_cos=0.5,
+        merge_every_tokens=4 * B,
+        merge_until=1.0,
     )
     logs = []
     init = {name: t.clone() for name, t in sae.state_dict().items()}

@@ -1,6 +1,7 @@
 """Duplicate latents: finding near-parallel pairs, counting co-firing, choosing merges, and a fit that
 merges planted copies (and keeps them without trainer.merge_cos)."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -50,6 +51,27 @@ def test_firing_counts_count_rows_activations_and_rows_shared():
         assert sq.tolist() == [10.25, 4.25, 1.0]
         assert both.tolist() == [2, 1]  # (0, 1) on rows 0 and 3; (1, 2) on row 2
         assert cross.tolist() == [2.25, 0.0]  # 1 * 2 + 0.5 * 0.5; the negative value weighs nothing
+
+
+@pytest.mark.parametrize("d_sae", [300, 50_000])  # pair keys in int32, and in int64 past 46,340 latents
+def test_firing_counts_equal_a_dense_count_for_pairs_in_either_order(d_sae):
+    g = torch.Generator().manual_seed(d_sae)
+    vals, idx = torch.randn(97, d_sae, generator=g).topk(7, dim=1)
+    vals[torch.rand(vals.shape, generator=g) < 0.2] = 0  # picked but not fired
+    seen = idx[:40, :2]  # pairs that co-fire, some given high index first; and pairs at random
+    i = torch.cat([seen[:, 0], torch.randint(0, d_sae, (60,), generator=g)])
+    j = torch.cat([seen[:, 1], torch.randint(0, d_sae, (60,), generator=g)])
+    key = torch.minimum(i, j) * d_sae + torch.maximum(i, j)
+    first = torch.tensor([n for n, kk in enumerate(key.tolist()) if kk not in key[:n].tolist() and i[n] != j[n]])
+    i, j = i[first], j[first]
+    fired_BF = torch.zeros(97, d_sae).scatter_(1, idx, (vals != 0).float())
+    act_BF = torch.zeros(97, d_sae).scatter_(1, idx, vals.clamp_min(0))
+    for rows in (None, 5):
+        counts = duplicates.firing_counts(SparseCode(vals, idx), i, j, d_sae, rows)
+        both, cross = counts[3 * d_sae :].split([i.numel()] * 2)
+        torch.testing.assert_close(both, (fired_BF[:, i] * fired_BF[:, j]).sum(0))
+        torch.testing.assert_close(cross, (act_BF[:, i] * act_BF[:, j]).sum(0))
+    assert (both > 0).sum() >= 20  # most of the seen pairs really co-fire
 
 
 def _counts(fired, act, both, sq=None, cross=None, err=None):
@@ -105,6 +127,24 @@ def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
         assert duplicates.pick(W, i, j, c, with_err, 0.1, max_cost=0.1).keep_M.numel() == merges
 
 
+def test_a_step_keeps_its_code_and_squared_error_for_a_merge_pass_only_when_asked():
+    sae = TopKSAE(8, 32, 4)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    cfg = TrainerConfig(batch_size=64).resolved(10)
+    state = new_state(sae, cfg, 10, "cpu")
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    train_steps({0: state}, {0: x}, cfg, 0)
+    assert state.step_code is None and state.step_err is None
+    seen = copy.deepcopy(sae)  # the weights the next step's forward reads (its update comes after)
+    train_steps({0: state}, {0: x}, cfg, 1, keep_code=True)
+    code, err = duplicates.step_code(seen, x)
+    kept, order = state.step_code.idx_BK.sort(1)
+    assert torch.equal(kept, code.idx_BK.sort(1).values)
+    torch.testing.assert_close(state.step_code.vals_BK.gather(1, order), code.vals_BK.gather(1, code.idx_BK.argsort(1)))
+    torch.testing.assert_close(state.step_err, err)
+    assert not state.step_code.vals_BK.requires_grad
+
+
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
 def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead(optimizer):
     sae = TopKSAE(4, 8, 2)
@@ -126,8 +166,9 @@ def test_merge_rewrites_the_averaged_weights_and_restarts_the_partner_dead(optim
     assert ((code.idx_BK == 0).any(1) & (code.idx_BK == 1).any(1)).sum() >= 4
     norm_before = sae.W_enc[0].norm()
     strict = dataclasses.replace(cfg, merge_max_cost=1e-6)  # a merge that would cost anything is refused
-    assert duplicates.merge_(sae, state.opt, state.since_fired_F.clone(), x, strict, seed=3) == 0
-    assert duplicates.merge_(sae, state.opt, state.since_fired_F, x, cfg, seed=3) >= 1
+    code, err = duplicates.step_code(sae, x)
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F.clone(), code, err, strict, seed=3) == 0
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, cfg, seed=3) >= 1
     W_avg = averaged_weight(state.opt, sae.W_dec_FD)
     kept, dropped = (0, 1) if state.since_fired_F[1] >= cfg.dead_after_tokens else (1, 0)
     assert state.since_fired_F[dropped] >= cfg.dead_after_tokens and state.since_fired_F[kept] == 0
@@ -157,6 +198,7 @@ def _copies_fit(merge_cos):
         decoder_init=DecoderInit.random,
         merge_cos=merge_cos,
         merge_every_tokens=1024,
+        merge_until=1.0,
         checkpoint_every=0,
     )
     with torch.no_grad():  # latents 0-3 and 4-7 both hold the first four true directions
@@ -186,6 +228,8 @@ def test_a_fit_merges_planted_copies_and_keeps_them_without_merging():
         {"merge_every_tokens": 0},
         {"merge_max_cost": 0.0},
         {"merge_cofire_frequent": 1.5},
+        {"merge_until": 0.0},
+        {"merge_until": 1.5},
     ],
 )
 def test_merge_settings_out_of_range_are_config_errors(bad):
@@ -193,8 +237,14 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window():
-    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
+def test_merge_passes_start_after_the_first_dead_window_and_stop_at_merge_until():
+    cfg = TrainerConfig(
+        batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300, merge_until=1.0
+    ).resolved(40)
     # every third step, from the tenth step's end on (1,000 tokens)
-    assert [s for s in range(40) if duplicates.merge_step(s, cfg)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
-    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None)) for s in range(40))
+    assert [s for s in range(40) if duplicates.merge_step(s, cfg, 40)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
+    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
+    # the default stops after the first half of the run (the steps ending at or before step 20)
+    half = dataclasses.replace(cfg, merge_until=TrainerConfig().merge_until)
+    assert half.merge_until == 0.5
+    assert [s for s in range(40) if duplicates.merge_step(s, half, 40)] == [11, 14, 17]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import ListSource
 
+from qscope_train import losses
 from qscope_train import sae as sae_module
 from qscope_train.config import Activation, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
@@ -72,15 +73,17 @@ def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
     return sae, dead
 
 
-# auxk_loss selects dead latents three ways: on a CPU gathered columns (under a quarter dead), masked (more),
-# masked with every latent dead
+# auxk_loss selects dead latents from gathered columns on a CPU (some latents dead), from masked ones on a
+# device (GATHER_DEAD_ON_CPU off emulates it), and masked with every latent dead
 DEAD_COUNTS = [10, 40, 128]
 
 
 @pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("dots", ["latent-major", "sampled_addmm"])
+@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
-def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, dots, centered, monkeypatch):
+def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, gather, dots, centered, monkeypatch):
+    monkeypatch.setattr(losses, "GATHER_DEAD_ON_CPU", gather)
     if dots == "sampled_addmm":
         monkeypatch.setattr(sae_module, "per_sample_backward", lambda: None)
     sae, dead = _sae_with_dead(n_dead=n_dead)
