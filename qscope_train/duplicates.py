@@ -156,6 +156,16 @@ def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     return (step + 1) % every == 0
 
 
+def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
+    """The step the run's first merge pass follows (merge_step; cfg resolved), or None if none does."""
+    if cfg.merge_cos is None:
+        return None
+    every = max(1, cfg.merge_every_tokens // cfg.batch_size)
+    window_end = max(1, -(-cfg.dead_after_tokens // cfg.batch_size))  # steps until the first window is over
+    end = -(-window_end // every) * every
+    return end - 1 if end <= min(total_steps, total_steps * cfg.merge_until) else None
+
+
 @torch.no_grad()
 def merge_(
     sae: TopKSAE, opt, since_fired_F: Tensor, code: SparseCode, err: Tensor, cfg: TrainerConfig, seed: int

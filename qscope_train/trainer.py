@@ -341,6 +341,14 @@ def fit(
         start = ckpt["step"] + 1
         print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
     flat = FlatBuffer(states, device) if distributed.active() else None
+    if merge and cfg.merge_cos is not None and duplicates.first_merge_step(cfg, total_steps) is None:
+        if distributed.rank() == 0:
+            print(
+                f"fit: no duplicate-merge pass fits this run: the first dead window ({cfg.dead_after_tokens:,} "
+                f"tokens) ends after trainer.merge_until ({cfg.merge_until:g} of "
+                f"{total_steps * cfg.batch_size:,} tokens); lower trainer.dead_after_tokens or raise "
+                "trainer.merge_until to merge"
+            )
     traffic_before, first_step = distributed.traffic(), None
     with Prefetched(batches, cfg.prefetch_batches, pin=device.type == "cuda") as source:
         it = iter(source)

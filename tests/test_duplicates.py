@@ -248,3 +248,25 @@ def test_merge_passes_start_after_the_first_dead_window_and_stop_at_merge_until(
     half = dataclasses.replace(cfg, merge_until=TrainerConfig().merge_until)
     assert half.merge_until == 0.5
     assert [s for s in range(40) if duplicates.merge_step(s, half, 40)] == [11, 14, 17]
+
+
+@pytest.mark.parametrize("until", [0.5, 1.0, 0.2])
+@pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500])
+@pytest.mark.parametrize("every", [None, 100, 250, 300])
+def test_first_merge_step_is_the_first_step_merge_step_takes(until, window, every):
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=window, merge_every_tokens=every, merge_until=until).resolved(
+        40
+    )
+    taken = [s for s in range(40) if duplicates.merge_step(s, cfg, 40)]
+    assert duplicates.first_merge_step(cfg, 40) == (taken[0] if taken else None)
+
+
+def test_a_fit_whose_dead_window_leaves_no_merge_pass_says_so(capsys):
+    sae = TopKSAE(4, 16, 2)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    batches = [{0: torch.randn(32, 4)} for _ in range(8)]
+    cfg = TrainerConfig(batch_size=32, dead_after_tokens=5 * 32, checkpoint_every=0)  # ends after half
+    fit({0: sae}, Unseekable(batches), cfg, 8, "cpu", lambda *_: None, NullBar)
+    assert "no duplicate-merge pass fits this run" in capsys.readouterr().out
+    fit({0: sae}, Unseekable(batches), dataclasses.replace(cfg, merge_until=1.0), 8, "cpu", lambda *_: None, NullBar)
+    assert "no duplicate-merge pass" not in capsys.readouterr().out
