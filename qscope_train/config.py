@@ -190,14 +190,15 @@ class TrainerConfig:
     duplicates.merge_cost) adds at most this share to the step's squared reconstruction error: copies of a
     rare feature cost little; two latents that each carry much of the residual are left apart (on the
     demo's residuals one such merge multiplied the error by 8). None: no limit."""
-    merge_until: float = 0.5
+    merge_until: float = 1.0
     """Merge passes run only in this first fraction of the run (1: to its end). The exported weights are
-    schedule-free's average, which keeps about (t/T)^2 of what a merge at step t of T changes: a late
-    merge's loss is still in them at the end, though training has repaired it in the iterate (stopping
-    at half lowered the benchmark's easy-shape FVU below sparsify's; docs/BENCHMARKS.md, session 11)."""
+    schedule-free's average, which keeps about (t/T)^2 of what a merge at step t of T changes, so a late
+    merge's loss reaches the export unrepaired: 0.5 lowered the benchmark's FVU at 2M tokens (easy
+    shape: below sparsify's), but recovery of the true features then fell in 8M-token runs
+    (docs/BENCHMARKS.md, session 11), so by default passes run to the end."""
     merge_every_tokens: Optional[int] = None
     """Tokens between merge passes (each a d_sae x d_sae cosine pass and one encode of the step's batch);
-    None: 1/64 of the run's tokens (about 30 passes between the first dead window and merge_until)."""
+    None: 1/32 of the run's tokens."""
     checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
     keep_checkpoints: int = operational(2)
@@ -287,7 +288,7 @@ class TrainerConfig:
             warmup_steps=(100 if adam else 0) if self.warmup_steps is None else self.warmup_steps,
             decay_fraction=(0.2 if adam else 0.0) if self.decay_fraction is None else self.decay_fraction,
             dead_after_tokens=window,
-            merge_every_tokens=self.merge_every_tokens or max(self.batch_size, total_steps * self.batch_size // 64),
+            merge_every_tokens=self.merge_every_tokens or max(self.batch_size, total_steps * self.batch_size // 32),
         )
 
 

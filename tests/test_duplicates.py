@@ -244,9 +244,8 @@ def test_merge_passes_start_after_the_first_dead_window_and_stop_at_merge_until(
     # every third step, from the tenth step's end on (1,000 tokens)
     assert [s for s in range(40) if duplicates.merge_step(s, cfg, 40)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
     assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
-    # the default stops after the first half of the run (the steps ending at or before step 20)
-    half = dataclasses.replace(cfg, merge_until=TrainerConfig().merge_until)
-    assert half.merge_until == 0.5
+    # merge_until 0.5 stops after the first half of the run (the steps ending at or before step 20)
+    half = dataclasses.replace(cfg, merge_until=0.5)
     assert [s for s in range(40) if duplicates.merge_step(s, half, 40)] == [11, 14, 17]
 
 
@@ -265,7 +264,8 @@ def test_a_fit_whose_dead_window_leaves_no_merge_pass_says_so(capsys):
     sae = TopKSAE(4, 16, 2)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     batches = [{0: torch.randn(32, 4)} for _ in range(8)]
-    cfg = TrainerConfig(batch_size=32, dead_after_tokens=5 * 32, checkpoint_every=0)  # ends after half
+    # the first window ends after merge_until
+    cfg = TrainerConfig(batch_size=32, dead_after_tokens=5 * 32, merge_until=0.5, checkpoint_every=0)
     fit({0: sae}, Unseekable(batches), cfg, 8, "cpu", lambda *_: None, NullBar)
     assert "no duplicate-merge pass fits this run" in capsys.readouterr().out
     fit({0: sae}, Unseekable(batches), dataclasses.replace(cfg, merge_until=1.0), 8, "cpu", lambda *_: None, NullBar)
