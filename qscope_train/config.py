@@ -197,8 +197,8 @@ class TrainerConfig:
     shape: below sparsify's), but recovery of the true features then fell in 8M-token runs
     (docs/BENCHMARKS.md, session 11), so by default passes run to the end."""
     merge_every_tokens: Optional[int] = None
-    """Tokens between merge passes (each a d_sae x d_sae cosine pass and one encode of the step's batch);
-    None: 1/32 of the run's tokens."""
+    """Tokens between merge passes (each a d_sae x d_sae cosine pass and co-firing sums from the code of
+    the step it follows); None: 1/32 of the run's tokens."""
     checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
     keep_checkpoints: int = operational(2)

@@ -143,8 +143,7 @@ def _backward(
     loss.backward()
     with torch.no_grad():
         vals_BK, idx_BK = out.code
-        if keep_code:
-            state.step_code = SparseCode(vals_BK.detach(), idx_BK)
+        state.step_code = SparseCode(vals_BK.detach(), idx_BK) if keep_code else None
         fired_BK = vals_BK != 0
         fired_F.index_add_(0, idx_BK.reshape(-1), fired_BK.reshape(-1).to(fired_F.dtype))
         e_BD = x_BD - out.x_hat_BD
@@ -178,8 +177,7 @@ def _update(state: LayerState, cfg: TrainerConfig, step: int, rows: int, fired_F
         state.fvu_ema = main.clone() if state.fvu_ema is None else state.fvu_ema * 0.9 + main * 0.1
         state.last = torch.stack([main, stats[AUXK], stats[NONZERO] / rows])
         state.resid_var = (stats[RESID_SQ] - stats[RESID_SUM:].pow(2).sum() / rows).clamp_min(0)
-        if state.step_code is not None:
-            state.step_err = stats[RESID_SQ].clone()
+        state.step_err = None if state.step_code is None else stats[RESID_SQ].clone()
     state.tokens += rows
 
 

@@ -143,6 +143,8 @@ def test_a_step_keeps_its_code_and_squared_error_for_a_merge_pass_only_when_aske
     torch.testing.assert_close(state.step_code.vals_BK.gather(1, order), code.vals_BK.gather(1, code.idx_BK.argsort(1)))
     torch.testing.assert_close(state.step_err, err)
     assert not state.step_code.vals_BK.requires_grad
+    train_steps({0: state}, {0: x}, cfg, 2)  # a later step without a pass drops them
+    assert state.step_code is None and state.step_err is None
 
 
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
