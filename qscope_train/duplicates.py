@@ -142,28 +142,34 @@ def pick(
     return Merges(keep_M, drop_M, unit(mixed_MD, dim=1))
 
 
-def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
-    """Whether a merge pass follows step `step` of total_steps (cfg resolved): after every
-    merge_every_tokens tokens, once the first dead window is over and until merge_until of the run. Before
-    the window the decoders are still near their initialisation, and AuxK, which retrains the latents a
-    merge restarts, has not begun; after merge_until too little of the run is left for the exported
-    (averaged) weights to repair a merge."""
-    if cfg.merge_cos is None or (step + 1) * cfg.batch_size < cfg.dead_after_tokens:
-        return False
-    if step + 1 > total_steps * cfg.merge_until:
-        return False
-    every = max(1, cfg.merge_every_tokens // cfg.batch_size)
-    return (step + 1) % every == 0
+def _steps_between_passes(cfg: TrainerConfig) -> int:
+    return max(1, cfg.merge_every_tokens // cfg.batch_size)
 
 
 def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
-    """The step the run's first merge pass follows (merge_step; cfg resolved), or None if none does."""
+    """The step the run's first merge pass follows (cfg resolved), or None if none does: the first step
+    ending on a multiple of merge_every_tokens once the first dead window is over, if it ends within
+    merge_until of the run. Before the window the decoders are still near their initialisation, and
+    AuxK, which retrains the latents a merge restarts, has not begun."""
     if cfg.merge_cos is None:
         return None
-    every = max(1, cfg.merge_every_tokens // cfg.batch_size)
+    every = _steps_between_passes(cfg)
     window_end = max(1, -(-cfg.dead_after_tokens // cfg.batch_size))  # steps until the first window is over
     end = -(-window_end // every) * every
     return end - 1 if end <= min(total_steps, total_steps * cfg.merge_until) else None
+
+
+def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
+    """Whether a merge pass follows step `step` of total_steps (cfg resolved): from first_merge_step on,
+    after every merge_every_tokens tokens, until merge_until of the run (after it too little of the run
+    is left for the exported, averaged weights to repair a merge)."""
+    first = first_merge_step(cfg, total_steps)
+    return (
+        first is not None
+        and first <= step
+        and step + 1 <= total_steps * cfg.merge_until
+        and (step + 1) % _steps_between_passes(cfg) == 0
+    )
 
 
 @torch.no_grad()
