@@ -171,31 +171,29 @@ class TrainerConfig:
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
     merge_cos: Optional[float] = 0.5
-    """Merge pairs of live latents whose decoder directions are at cosine >= this and that fire on the
-    same rows (merge_cofire, merge_cofire_frequent), where the merge costs little (merge_max_cost), every
-    merge_every_tokens once the first dead window is over: the more frequent one takes the pair's
-    activation-weighted mean direction and the other restarts dead, for AuxK to retrain. Such copies
-    split a feature between them; merging finds more true features on the benchmark, at some cost in
-    FVU and live latents (docs/BENCHMARKS.md, sessions 9 and 10). Fresh runs only (init_from keeps every
-    source latent); None: never merge."""
+    """Merge the decoder directions of pairs of live latents whose decoders are at cosine >= this and
+    that fire on the same rows (merge_cofire, merge_cofire_frequent), where the merge costs little
+    (merge_max_cost), every merge_every_tokens once the first dead window is over: both latents take
+    the pair's activation-weighted mean direction and stay live with their own encoders. Such copies
+    tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's own;
+    merged, they find more true features on the benchmark and the copies still lower the FVU
+    (docs/BENCHMARKS.md, session 12). Fresh runs only (init_from keeps every source latent as it
+    is); None: never merge."""
     merge_cofire: float = 0.5
     """A pair merges when the other latent fires on at least this share of the rows (of the merge step's
     batch) on which the rarer one fires."""
     merge_cofire_frequent: float = 0.25
     """... and the shared rows are at least this share of the more frequent latent's rows: a latent that
     mostly fires elsewhere (a dense filler of the top-k slots a row does not need, tilted towards a
-    feature) is not a copy, and keeping it would drop the feature's own latent."""
+    feature) is not a copy, and merging would pull the feature's own latent towards it."""
     merge_max_cost: Optional[float] = 0.1
-    """A pair merges only if the merge as made (the kept latent moved, the other's output lost;
+    """A pair merges only if the merge as made (both latents moved to the pair's direction;
     duplicates.merge_cost) adds at most this share to the step's squared reconstruction error: copies of a
-    rare feature cost little; two latents that each carry much of the residual are left apart (on the
-    demo's residuals one such merge multiplied the error by 8). None: no limit."""
+    rare feature cost little; two latents that each carry much of the residual are left apart. None:
+    no limit."""
     merge_until: float = 1.0
-    """Merge passes run only in this first fraction of the run (1: to its end). The exported weights are
-    schedule-free's average, which keeps about (t/T)^2 of what a merge at step t of T changes, so a late
-    merge's loss reaches the export unrepaired: 0.5 lowered the benchmark's FVU at 2M tokens (easy
-    shape: below sparsify's), but recovery of the true features then fell in 8M-token runs
-    (docs/BENCHMARKS.md, session 11), so by default passes run to the end."""
+    """Merge passes run only in this first fraction of the run (1: to its end). After the last pass,
+    copies tilt apart again (docs/BENCHMARKS.md, session 11), so by default passes run to the end."""
     merge_every_tokens: Optional[int] = None
     """Tokens between merge passes (each a d_sae x d_sae cosine pass and co-firing sums from the code of
     the step it follows); None: 1/32 of the run's tokens."""

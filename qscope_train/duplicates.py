@@ -1,6 +1,8 @@
 """Duplicate latents: pairs whose decoder directions are nearly parallel and that fire on the same rows.
-Mean-squared error pays for such copies with the top-k slots a row does not need, and each copy then
-holds a tilted share of one feature; training merges them (trainer.merge_cos)."""
+Mean-squared error pays for such copies with the top-k slots a row does not need, and the copies tilt
+apart, each holding a tilted share of one feature, so that no decoder direction is the feature's own.
+Training merges their decoder directions (trainer.merge_cos): both latents take the pair's mean
+direction and stay live."""
 
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ ROW_PAIRS = 1 << 20  # (row, pair of its selected latents) entries looked up at 
 
 
 class Merges(NamedTuple):
-    keep_M: Tensor  # latents that take over their pair (long)
-    drop_M: Tensor  # their partners, to restart dead (long)
-    direction_MD: Tensor  # the kept latents' new unit decoder directions
+    frequent_M: Tensor  # the pairs' more frequent latents (long)
+    rare_M: Tensor  # their partners (long)
+    direction_MD: Tensor  # the unit decoder direction both latents of a pair take
 
 
 @torch.no_grad()
@@ -86,15 +88,16 @@ def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: 
 
 
 def merge_cost(
-    c_P: Tensor, w_keep_P: Tensor, w_drop_P: Tensor, sq_keep_P: Tensor, sq_drop_P: Tensor, cross_P: Tensor
+    c_P: Tensor, w_a_P: Tensor, w_b_P: Tensor, sq_a_P: Tensor, sq_b_P: Tensor, cross_P: Tensor
 ) -> Tensor:
-    """Per pair, the squared error a merge adds on the counted rows, before training adapts: the kept
-    latent k keeps its activations a_k but moves to m, the unit direction of w_k d_k + w_r d_r, and the
-    dropped r's output a_r d_r is lost: sum_rows |a_k (d_k - m) + a_r d_r|^2. From the unit decoders'
-    cosine c_P, the weights and the activations' second moments alone (no pair x d_model tensor)."""
-    norm = (w_keep_P.square() + w_drop_P.square() + 2 * w_keep_P * w_drop_P * c_P).clamp_min(1e-30).sqrt()
-    k_m, r_m = (w_keep_P + w_drop_P * c_P) / norm, (w_keep_P * c_P + w_drop_P) / norm
-    return sq_keep_P * (2 - 2 * k_m) + sq_drop_P + 2 * cross_P * (c_P - r_m)
+    """Per pair, the squared error a merge adds on the counted rows, before training adapts: both latents
+    keep their activations a_a, a_b and move to m, the unit direction of w_a d_a + w_b d_b, so the
+    output changes by a_a (m - d_a) + a_b (m - d_b): sum_rows |a_a (d_a - m) + a_b (d_b - m)|^2. From
+    the unit decoders' cosine c_P, the weights and the activations' second moments alone (no pair x
+    d_model tensor)."""
+    norm = (w_a_P.square() + w_b_P.square() + 2 * w_a_P * w_b_P * c_P).clamp_min(1e-30).sqrt()
+    a_m, b_m = (w_a_P + w_b_P * c_P) / norm, (w_a_P * c_P + w_b_P) / norm  # each direction's cosine to m
+    return sq_a_P * (2 - 2 * a_m) + sq_b_P * (2 - 2 * b_m) + 2 * cross_P * (c_P - a_m - b_m + 1)
 
 
 def pick(
@@ -113,33 +116,32 @@ def pick(
     that mostly fires elsewhere, such as a dense filler of spare top-k slots, is no copy), and (unless
     max_cost is None) whose merge_cost is at most `max_cost` times the rows' squared reconstruction
     error (counts' last entry); taken greedily in the pairs' order (most parallel first), each latent in
-    one merge at most. The more frequent latent is kept, with the activation-weighted mean of the two
-    directions."""
+    one merge at most. A pair's direction is the activation-weighted mean of its two directions."""
     d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
     sizes = [d_sae] * 3 + [n_pairs] * 2
     fired_F, act_F, sq_F, both_P, cross_P, rest = counts.split([*sizes, counts.numel() - sum(sizes)])
-    first_kept = fired_F[i_P] >= fired_F[j_P]
-    keep_P, drop_P = torch.where(first_kept, i_P, j_P), torch.where(first_kept, j_P, i_P)
+    i_frequent = fired_F[i_P] >= fired_F[j_P]
+    frequent_P, rare_P = torch.where(i_frequent, i_P, j_P), torch.where(i_frequent, j_P, i_P)
     # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
     weight_F = act_F + 1e-12
-    ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[drop_P]) & (both_P >= cofire_frequent * fired_F[keep_P])
+    ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[rare_P]) & (both_P >= cofire_frequent * fired_F[frequent_P])
     if max_cost is not None:
         err = rest[0]
-        cost_P = merge_cost(c_P, weight_F[keep_P], weight_F[drop_P], sq_F[keep_P], sq_F[drop_P], cross_P)
+        cost_P = merge_cost(c_P, weight_F[frequent_P], weight_F[rare_P], sq_F[frequent_P], sq_F[rare_P], cross_P)
         ok &= cost_P <= max_cost * err
     chosen, used = [], set()
     rows = ok.nonzero().squeeze(1)
-    for p, a, b in zip(rows.tolist(), keep_P[rows].tolist(), drop_P[rows].tolist(), strict=True):
+    for p, a, b in zip(rows.tolist(), frequent_P[rows].tolist(), rare_P[rows].tolist(), strict=True):
         if a in used or b in used:
             continue
         used.update((a, b))
         chosen.append(p)
     chosen_M = torch.tensor(chosen, dtype=torch.long, device=W_dec_FD.device)
-    keep_M, drop_M = keep_P[chosen_M], drop_P[chosen_M]
+    frequent_M, rare_M = frequent_P[chosen_M], rare_P[chosen_M]
     unit = torch.nn.functional.normalize
-    d_keep_MD, d_drop_MD = unit(W_dec_FD[keep_M].float(), dim=1), unit(W_dec_FD[drop_M].float(), dim=1)
-    mixed_MD = weight_F[keep_M, None] * d_keep_MD + weight_F[drop_M, None] * d_drop_MD
-    return Merges(keep_M, drop_M, unit(mixed_MD, dim=1))
+    mixed_MD = weight_F[frequent_M, None] * unit(W_dec_FD[frequent_M].float(), dim=1)
+    mixed_MD += weight_F[rare_M, None] * unit(W_dec_FD[rare_M].float(), dim=1)
+    return Merges(frequent_M, rare_M, unit(mixed_MD, dim=1))
 
 
 def _steps_between_passes(cfg: TrainerConfig) -> int:
@@ -150,7 +152,7 @@ def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
     """The step the run's first merge pass follows (cfg resolved), or None if none does: the first step
     ending on a multiple of merge_every_tokens once the first dead window is over, if it ends within
     merge_until of the run. Before the window the decoders are still near their initialisation, and
-    AuxK, which retrains the latents a merge restarts, has not begun."""
+    every latent still counts as live (none has gone a whole window without firing)."""
     if cfg.merge_cos is None:
         return None
     every = _steps_between_passes(cfg)
@@ -173,32 +175,22 @@ def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
 
 
 @torch.no_grad()
-def merge_(
-    sae: TopKSAE, opt, since_fired_F: Tensor, code: SparseCode, err: Tensor, cfg: TrainerConfig, seed: int
-) -> int:
+def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, code: SparseCode, err: Tensor, cfg: TrainerConfig) -> int:
     """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
     training step (the trainer keeps it: train_steps' keep_code), and `err`, that step's squared
     reconstruction error over all ranks' rows; the counts are added over ranks under data parallel, so
-    every rank merges the same pairs. Each merge leaves the kept latent with the pair's mean direction
-    (pick) and restarts the other one dead (a random direction from `seed`, its encoder row at a tenth
-    of its norm, b_enc 0), for AuxK to retrain. Reads back to the host (it runs between steps); returns
-    the number of merges."""
+    every rank merges the same pairs. Each merge gives both decoder rows of a pair the pair's mean
+    direction (pick), in the weights the run exports too (optim.overwrite_rows_); encoders, biases and
+    the dead counters (since_fired_F, which picks the live latents) are left alone, so both latents stay
+    live and keep firing where they did. Reads back to the host (it runs between steps); returns the
+    number of pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P, c_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
     m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
-    if m.keep_M.numel() == 0:
-        return 0
-    g = torch.Generator(device=sae.W_dec_FD.device).manual_seed(seed)
-    restart_MD = torch.randn(m.drop_M.shape[0], sae.d_model, generator=g, device=g.device)
-    restart_MD = torch.nn.functional.normalize(restart_MD, dim=1)
-    encoder_norm_M1 = sae.W_enc[m.drop_M].norm(dim=1, keepdim=True) / 10
-    overwrite_rows_(opt, sae.W_dec_FD, m.keep_M, m.direction_MD)
-    overwrite_rows_(opt, sae.W_dec_FD, m.drop_M, restart_MD)
-    overwrite_rows_(opt, sae.W_enc, m.drop_M, restart_MD * encoder_norm_M1)
-    overwrite_rows_(opt, sae.b_enc, m.drop_M, torch.zeros_like(m.drop_M, dtype=sae.b_enc.dtype))
-    since_fired_F[m.drop_M] = cfg.dead_after_tokens
-    return int(m.keep_M.shape[0])
+    if m.frequent_M.numel():
+        overwrite_rows_(opt, sae.W_dec_FD, torch.cat([m.frequent_M, m.rare_M]), m.direction_MD.repeat(2, 1))
+    return int(m.frequent_M.shape[0])
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ class LayerState:
     last: Optional[Tensor] = None  # the last step's [fvu, auxk, l0]
     first_bad: Optional[Tensor] = None  # [step, loss] of the first non-finite loss; step -1 while none
     lr: float = 0.0  # the rate the last step used
-    merges: int = 0  # duplicate latents merged in this process (duplicates.merge_)
+    merges: int = 0  # pairs of duplicate latents merged in this process (duplicates.merge_)
     # on a step a merge pass follows: the step's code (this rank's rows) and squared error (all ranks')
     step_code: Optional[SparseCode] = None
     step_err: Optional[Tensor] = None
@@ -322,8 +322,8 @@ def fit(
     are read from the device only on log steps, where a non-finite loss also stops the run (and before
     every checkpoint, so none holds one). `probe(step, saes)`, if given, is called on log steps with
     copies of the SAEs at the weights the run would export then (exported_copy). With `merge` (fresh
-    runs), duplicate latents are merged every cfg.merge_every_tokens (duplicates.merge_; never when
-    merge_cos is None). Returns a per-layer summary (tokens, final FVU, dead fraction, merges); the SAEs
+    runs), the decoder directions of duplicate latents are merged every cfg.merge_every_tokens
+    (duplicates.merge_; never when merge_cos is None). Returns a per-layer summary (tokens, final FVU, dead fraction, merges); the SAEs
     are left at their exported weights, in the release's form.
     """
     cfg = cfg.resolved(total_steps)
@@ -360,9 +360,8 @@ def fit(
                 merging = merge and duplicates.merge_step(step, cfg, total_steps)
                 train_steps(states, xs, cfg, step, flat, keep_code=merging)
                 if merging:
-                    for n, s in states.items():
-                        seed = (cfg.seed * 1_000_003 + n) * 1_000_003 + step
-                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, cfg, seed)
+                    for s in states.values():
+                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, cfg)
                         s.step_code = s.step_err = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     _check_finite(states, checkpoints)

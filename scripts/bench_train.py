@@ -8,7 +8,7 @@ is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
 Also timed, once after the steps: a duplicate-merge pass (duplicates.merge_: the d_sae x d_sae decoder
 cosines in chunks, the pairs' co-firing sums from the last step's code, kept by that step as the
-trainer does), which a fresh fit runs between steps up to 32 times per run (trainer.merge_cos, on by
+trainer does, the merged pairs' decoder rows rewritten), which a fresh fit runs between steps up to 32 times per run (trainer.merge_cos, on by
 default; none before the first dead window); the figure is its cost in steps, so its share of a run
 of S steps is at most 32 x that / S.
 
@@ -116,7 +116,7 @@ def main() -> None:
     train_steps({0: state}, {0: batches[-1]}, cfg, len(batches), keep_code=True)
     sync()
     t0 = time.perf_counter()
-    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, state.step_code, state.step_err, cfg, a.seed)
+    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, state.step_code, state.step_err, cfg)
     sync()
     merge_s = time.perf_counter() - t0
 
