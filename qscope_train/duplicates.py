@@ -87,9 +87,7 @@ def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: 
     return torch.cat([fired_F, act_F, sq_F, both_P, cross_P])
 
 
-def merge_cost(
-    c_P: Tensor, w_a_P: Tensor, w_b_P: Tensor, sq_a_P: Tensor, sq_b_P: Tensor, cross_P: Tensor
-) -> Tensor:
+def merge_cost(c_P: Tensor, w_a_P: Tensor, w_b_P: Tensor, sq_a_P: Tensor, sq_b_P: Tensor, cross_P: Tensor) -> Tensor:
     """Per pair, the squared error a merge adds on the counted rows, before training adapts: both latents
     keep their activations a_a, a_b and move to m, the unit direction of w_a d_a + w_b d_b, so the
     output changes by a_a (m - d_a) + a_b (m - d_b): sum_rows |a_a (d_a - m) + a_b (d_b - m)|^2. From
