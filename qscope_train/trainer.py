@@ -323,8 +323,8 @@ def fit(
     every checkpoint, so none holds one). `probe(step, saes)`, if given, is called on log steps with
     copies of the SAEs at the weights the run would export then (exported_copy). With `merge` (fresh
     runs), the decoder directions of duplicate latents are merged every cfg.merge_every_tokens
-    (duplicates.merge_; never when merge_cos is None). Returns a per-layer summary (tokens, final FVU, dead fraction, merges); the SAEs
-    are left at their exported weights, in the release's form.
+    (duplicates.merge_; never when merge_cos is None). Returns a per-layer summary (tokens, final FVU,
+    dead fraction, merges); the SAEs are left at their exported weights, in the release's form.
     """
     cfg = cfg.resolved(total_steps)
     device = torch.device(device)
