@@ -161,8 +161,7 @@ def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
 
 def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     """Whether a merge pass follows step `step` of total_steps (cfg resolved): from first_merge_step on,
-    after every merge_every_tokens tokens, until merge_until of the run (after it too little of the run
-    is left for the exported, averaged weights to repair a merge)."""
+    after every merge_every_tokens tokens, until merge_until of the run."""
     first = first_merge_step(cfg, total_steps)
     return (
         first is not None

@@ -8,9 +8,9 @@ is the dense encoder GEMM plus the top-k: what any TopK trainer must compute.
 
 Also timed, once after the steps: a duplicate-merge pass (duplicates.merge_: the d_sae x d_sae decoder
 cosines in chunks, the pairs' co-firing sums from the last step's code, kept by that step as the
-trainer does, the merged pairs' decoder rows rewritten), which a fresh fit runs between steps up to 32 times per run (trainer.merge_cos, on by
-default; none before the first dead window); the figure is its cost in steps, so its share of a run
-of S steps is at most 32 x that / S.
+trainer does, and the merged pairs' decoder rows rewritten), which a fresh fit runs between steps up
+to 32 times per run (trainer.merge_cos, on by default; none before the first dead window); the figure
+is its cost in steps, so its share of a run of S steps is at most 32 x that / S.
 
 On CUDA (--device cuda) the step reads nothing back, so steps are timed together (the GPU synchronised
 once before and once after all of them) and the floor likewise; on a CPU each step is timed alone and
