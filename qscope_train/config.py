@@ -143,9 +143,6 @@ class TrainerConfig:
     and Gao et al.'s form). The export folds it into b_enc: the released encoder is the card's."""
     decoder_init: DecoderInit = DecoderInit.data
     """random, or data: each decoder direction starts as a distinct training row minus b_dec (fresh runs)."""
-    encoder_init_norm: float = 3**-0.5
-    """Row norm of W_enc at initialisation (it starts as this multiple of the unit-norm decoder's transpose);
-    1/sqrt(3) is the row norm of torch's default Linear initialisation, which sparsify keeps."""
     warmup_steps: Optional[int] = None
     """Linear learning-rate warmup from 0 over this many steps; None: 100 with adam, 0 with signum."""
     decay_fraction: Optional[float] = None
@@ -171,29 +168,11 @@ class TrainerConfig:
     auxk_k: Optional[int] = None
     """Dead latents used by AuxK per token; None means d_model // 2."""
     merge_cos: Optional[float] = 0.5
-    """Merge the decoder directions of pairs of live latents whose decoders are at cosine >= this and
-    that fire on the same rows (merge_cofire, merge_cofire_frequent), where the merge costs little
-    (merge_max_cost), every merge_every_tokens once the first dead window is over: both latents take
-    the pair's activation-weighted mean direction and stay live with their own encoders. Such copies
-    tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's own;
-    merged, they find more true features on the benchmark and the copies still lower the FVU
-    (docs/BENCHMARKS.md, session 12). Fresh runs only (init_from keeps every source latent as it
-    is); None: never merge."""
-    merge_cofire: float = 0.5
-    """A pair merges when the other latent fires on at least this share of the rows (of the merge step's
-    batch) on which the rarer one fires."""
-    merge_cofire_frequent: float = 0.25
-    """... and the shared rows are at least this share of the more frequent latent's rows: a latent that
-    mostly fires elsewhere (a dense filler of the top-k slots a row does not need, tilted towards a
-    feature) is not a copy, and merging would pull the feature's own latent towards it."""
-    merge_max_cost: Optional[float] = 0.1
-    """A pair merges only if the merge as made (both latents moved to the pair's direction;
-    duplicates.merge_cost) adds at most this share to the step's squared reconstruction error: copies of a
-    rare feature cost little; two latents that each carry much of the residual are left apart. None:
-    no limit."""
-    merge_until: float = 1.0
-    """Merge passes run only in this first fraction of the run (1: to its end). After the last pass,
-    copies tilt apart again (docs/BENCHMARKS.md, session 11), so by default passes run to the end."""
+    """Merge pairs of live latents whose decoders are at cosine >= this and that fire on the same rows,
+    every merge_every_tokens once the first dead window is over: one latent takes the pair's direction
+    and output, the other is re-seeded on a direction the step reconstructed worst (duplicates.py). Such
+    copies tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's
+    own. Fresh runs only (init_from keeps every source latent as it is); None: never merge."""
     merge_every_tokens: Optional[int] = None
     """Tokens between merge passes (each a d_sae x d_sae cosine pass and co-firing sums from the code of
     the step it follows); None: 1/32 of the run's tokens."""
@@ -243,18 +222,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.merge_cos is not None and not 0 < self.merge_cos < 1:
             raise ConfigError(f"trainer.merge_cos must be in (0, 1) or null, got {self.merge_cos}")
-        if not 0 < self.merge_cofire <= 1:
-            raise ConfigError(f"trainer.merge_cofire must be in (0, 1], got {self.merge_cofire}")
-        if not 0 <= self.merge_cofire_frequent <= 1:
-            raise ConfigError(f"trainer.merge_cofire_frequent must be in [0, 1], got {self.merge_cofire_frequent}")
-        if self.merge_max_cost is not None and self.merge_max_cost <= 0:
-            raise ConfigError(f"trainer.merge_max_cost must be positive or null, got {self.merge_max_cost}")
-        if not 0 < self.merge_until <= 1:
-            raise ConfigError(f"trainer.merge_until must be in (0, 1], got {self.merge_until}")
         if self.merge_every_tokens is not None and self.merge_every_tokens <= 0:
             raise ConfigError(f"trainer.merge_every_tokens must be positive, got {self.merge_every_tokens}")
-        if self.encoder_init_norm <= 0:
-            raise ConfigError(f"trainer.encoder_init_norm must be positive, got {self.encoder_init_norm}")
 
     def sharded(self, n_layers: int, world: int) -> bool:
         """Whether a fit of n_layers on world processes is layer-sharded (see layer_sharding)."""

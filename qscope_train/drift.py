@@ -66,8 +66,21 @@ def _hist(cos_F: Tensor) -> dict:
     return {"edges": COS_EDGES, "counts": [int(c) for c in counts]}
 
 
-BEFORE_AFTER_KEYS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac")
-DOWNSTREAM_KEYS = ("delta_ce", "ce_recovered", "kl", "ce_spliced")
+BEFORE_AFTER_KEYS = (
+    "fvu",
+    "explained_variance",
+    "explained_variance_legacy",
+    "mse",
+    "cosine",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "l0",
+    "dead_frac",
+    "dense_frac",
+    "twin_frac",
+    "average_max_decoder_cosine_sim",
+)
+DOWNSTREAM_KEYS = ("delta_ce", "ce_recovered", "kl", "ce_spliced", "consistent_activation_heuristic")
 
 
 def before_after(before: dict, after: dict) -> dict:

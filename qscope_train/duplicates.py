@@ -1,8 +1,9 @@
 """Duplicate latents: pairs whose decoder directions are nearly parallel and that fire on the same rows.
 Mean-squared error pays for such copies with the top-k slots a row does not need, and the copies tilt
 apart, each holding a tilted share of one feature, so that no decoder direction is the feature's own.
-Training merges their decoder directions (trainer.merge_cos): both latents take the pair's mean
-direction and stay live."""
+Training merges such pairs (trainer.merge_cos): one latent takes the pair's direction and output, and
+the other is re-seeded on a direction the step reconstructed worst, so no latent is lost and no two
+latents end with one direction (a twin, scorecard.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,22 @@ from .optim import overwrite_rows_
 from .sae import SparseCode, TopKSAE
 
 ROW_PAIRS = 1 << 20  # (row, pair of its selected latents) entries looked up at once
+# What makes a pair of live latents at decoder cosine >= merge_cos a copy worth merging (session 10's rules,
+# kept as constants: none was worth a setting): the rarer latent shares COFIRE of its rows with the other,
+# which shares COFIRE_FREQUENT of its own (a dense filler of spare top-k slots is no copy), and the merge
+# adds at most MAX_COST of the step's squared error (two latents that each carry much of it stay apart).
+COFIRE, COFIRE_FREQUENT, MAX_COST, MIN_ROWS = 0.5, 0.25, 0.1, 4
+# a re-seeded latent's encoder row norm, as a share of the live latents' mean: small, so that it enters the
+# top-k only where its direction is most of the residual (1 pulled it into many rows at once and raised the
+# easy shape's FVU at 2M tokens from 0.0815 to 0.0909; docs/BENCHMARKS.md, session 13)
+RESEED_ENCODER = 0.2
 
 
 class Merges(NamedTuple):
-    frequent_M: Tensor  # the pairs' more frequent latents (long)
-    rare_M: Tensor  # their partners (long)
-    direction_MD: Tensor  # the unit decoder direction both latents of a pair take
+    frequent_M: Tensor  # the pairs' more frequent latents, which take the pair over (long)
+    rare_M: Tensor  # their partners, re-seeded (long)
+    direction_MD: Tensor  # the unit decoder direction the frequent latent takes
+    scale_M: Tensor  # the factor on its encoder row and bias, so that it also carries the partner's output
 
 
 @torch.no_grad()
@@ -87,15 +98,21 @@ def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: 
     return torch.cat([fired_F, act_F, sq_F, both_P, cross_P])
 
 
-def merge_cost(c_P: Tensor, w_a_P: Tensor, w_b_P: Tensor, sq_a_P: Tensor, sq_b_P: Tensor, cross_P: Tensor) -> Tensor:
-    """Per pair, the squared error a merge adds on the counted rows, before training adapts: both latents
-    keep their activations a_a, a_b and move to m, the unit direction of w_a d_a + w_b d_b, so the
-    output changes by a_a (m - d_a) + a_b (m - d_b): sum_rows |a_a (d_a - m) + a_b (d_b - m)|^2. From
-    the unit decoders' cosine c_P, the weights and the activations' second moments alone (no pair x
-    d_model tensor)."""
+def merge_cost(
+    c_P: Tensor, w_a_P: Tensor, w_b_P: Tensor, sq_a_P: Tensor, sq_b_P: Tensor, cross_P: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per pair (a the frequent latent, b its partner): the encoder scale s and the squared error the
+    merge adds on the counted rows, before training adapts. a moves to m, the unit direction of
+    w_a d_a + w_b d_b, with its activations scaled by s, and b's output leaves (b is re-seeded): the error
+    is sum_rows |a_a d_a + a_b d_b - s a_a m|^2, least at s = (sum a_a^2 <d_a, m> + sum a_a a_b <d_b, m>)
+    / sum a_a^2. From the unit decoders' cosine c_P, the weights and the activations' second moments alone
+    (no pair x d_model tensor). Returns (cost_P, s_P)."""
     norm = (w_a_P.square() + w_b_P.square() + 2 * w_a_P * w_b_P * c_P).clamp_min(1e-30).sqrt()
     a_m, b_m = (w_a_P + w_b_P * c_P) / norm, (w_a_P * c_P + w_b_P) / norm  # each direction's cosine to m
-    return sq_a_P * (2 - 2 * a_m) + sq_b_P * (2 - 2 * b_m) + 2 * cross_P * (c_P - a_m - b_m + 1)
+    carried = sq_a_P * a_m + cross_P * b_m
+    scale = torch.where(sq_a_P > 0, carried / sq_a_P.clamp_min(1e-30), torch.ones_like(sq_a_P))
+    before = sq_a_P + sq_b_P + 2 * cross_P * c_P
+    return (before - scale * carried).clamp_min(0), scale.clamp(1.0, 2.0)
 
 
 def pick(
@@ -104,17 +121,18 @@ def pick(
     j_P: Tensor,
     c_P: Tensor,
     counts: Tensor,
-    cofire: float,
-    cofire_frequent: float = 0.0,
-    max_cost: float | None = None,
-    min_rows: int = 4,
+    cofire: float = COFIRE,
+    cofire_frequent: float = COFIRE_FREQUENT,
+    max_cost: float | None = MAX_COST,
+    min_rows: int = MIN_ROWS,
 ) -> Merges:
     """The merges: pairs in which the rarer latent fired on at least `min_rows` rows and shared at least
     `cofire` of them with the other, which shared at least `cofire_frequent` of its own rows (a latent
     that mostly fires elsewhere, such as a dense filler of spare top-k slots, is no copy), and (unless
     max_cost is None) whose merge_cost is at most `max_cost` times the rows' squared reconstruction
     error (counts' last entry); taken greedily in the pairs' order (most parallel first), each latent in
-    one merge at most. A pair's direction is the activation-weighted mean of its two directions."""
+    one merge at most. A pair's direction is the activation-weighted mean of its two directions; the
+    frequent latent's encoder scale is merge_cost's s (clamped to [1, 2])."""
     d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
     sizes = [d_sae] * 3 + [n_pairs] * 2
     fired_F, act_F, sq_F, both_P, cross_P, rest = counts.split([*sizes, counts.numel() - sum(sizes)])
@@ -123,10 +141,9 @@ def pick(
     # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
     weight_F = act_F + 1e-12
     ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[rare_P]) & (both_P >= cofire_frequent * fired_F[frequent_P])
+    cost_P, scale_P = merge_cost(c_P, weight_F[frequent_P], weight_F[rare_P], sq_F[frequent_P], sq_F[rare_P], cross_P)
     if max_cost is not None:
-        err = rest[0]
-        cost_P = merge_cost(c_P, weight_F[frequent_P], weight_F[rare_P], sq_F[frequent_P], sq_F[rare_P], cross_P)
-        ok &= cost_P <= max_cost * err
+        ok &= cost_P <= max_cost * rest[0]
     chosen, used = [], set()
     rows = ok.nonzero().squeeze(1)
     for p, a, b in zip(rows.tolist(), frequent_P[rows].tolist(), rare_P[rows].tolist(), strict=True):
@@ -139,7 +156,7 @@ def pick(
     unit = torch.nn.functional.normalize
     mixed_MD = weight_F[frequent_M, None] * unit(W_dec_FD[frequent_M].float(), dim=1)
     mixed_MD += weight_F[rare_M, None] * unit(W_dec_FD[rare_M].float(), dim=1)
-    return Merges(frequent_M, rare_M, unit(mixed_MD, dim=1))
+    return Merges(frequent_M, rare_M, unit(mixed_MD, dim=1), scale_P[chosen_M])
 
 
 def _steps_between_passes(cfg: TrainerConfig) -> int:
@@ -148,51 +165,89 @@ def _steps_between_passes(cfg: TrainerConfig) -> int:
 
 def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
     """The step the run's first merge pass follows (cfg resolved), or None if none does: the first step
-    ending on a multiple of merge_every_tokens once the first dead window is over, if it ends within
-    merge_until of the run. Before the window the decoders are still near their initialisation, and
-    every latent still counts as live (none has gone a whole window without firing)."""
+    ending on a multiple of merge_every_tokens once the first dead window is over. Before the window the
+    decoders are still near their initialisation, and every latent still counts as live (none has gone a
+    whole window without firing)."""
     if cfg.merge_cos is None:
         return None
     every = _steps_between_passes(cfg)
     window_end = max(1, -(-cfg.dead_after_tokens // cfg.batch_size))  # steps until the first window is over
     end = -(-window_end // every) * every
-    return end - 1 if end <= min(total_steps, total_steps * cfg.merge_until) else None
+    return end - 1 if end <= total_steps else None
 
 
 def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     """Whether a merge pass follows step `step` of total_steps (cfg resolved): from first_merge_step on,
-    after every merge_every_tokens tokens, until merge_until of the run."""
+    after every merge_every_tokens tokens."""
     first = first_merge_step(cfg, total_steps)
-    return (
-        first is not None
-        and first <= step
-        and step + 1 <= total_steps * cfg.merge_until
-        and (step + 1) % _steps_between_passes(cfg) == 0
-    )
+    return first is not None and first <= step and (step + 1) % _steps_between_passes(cfg) == 0
 
 
 @torch.no_grad()
-def merge_(sae: TopKSAE, opt, since_fired_F: Tensor, code: SparseCode, err: Tensor, cfg: TrainerConfig) -> int:
+def reseed_directions(resid_BD: Tensor, m: int, seed: int) -> Tensor:
+    """Up to m unit directions for re-seeded latents: rows of a step's residual x - x_hat drawn without
+    replacement with probability proportional to their squared norm, among the global batch's 4m worst
+    rows (each rank's 4m worst gathered, then the 4m worst of those in order of error, so that any number
+    of ranks draws from the same candidates; drawn from `seed` on the CPU, the same on every rank)."""
+    n_cand = 4 * m
+    worst = resid_BD.float().pow(2).sum(1).topk(min(n_cand, resid_BD.shape[0])).indices
+    gathered_CD = distributed.cat(resid_BD[worst].float())
+    weights_C, order = gathered_CD.pow(2).sum(1).topk(min(n_cand, gathered_CD.shape[0]))
+    candidates_CD, weights_C = gathered_CD[order], weights_C.cpu().double()
+    n = min(m, int((weights_C > 0).sum()))
+    if n == 0:
+        return candidates_CD[:0]
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.multinomial(weights_C, n, replacement=False, generator=g).to(candidates_CD.device)
+    return torch.nn.functional.normalize(candidates_CD[chosen], dim=1)
+
+
+@torch.no_grad()
+def merge_(
+    sae: TopKSAE,
+    opt,
+    since_fired_F: Tensor,
+    code: SparseCode,
+    err: Tensor,
+    resid_BD: Tensor,
+    cfg: TrainerConfig,
+    seed: int = 0,
+) -> int:
     """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
-    training step (the trainer keeps it: train_steps' keep_code), and `err`, that step's squared
-    reconstruction error over all ranks' rows; the counts are added over ranks under data parallel, so
-    every rank merges the same pairs. Each merge gives both decoder rows of a pair the pair's mean
-    direction (pick), in the weights the run exports too (optim.overwrite_rows_); encoders, biases and
-    the dead counters (since_fired_F, which picks the live latents) are left alone, so both latents stay
-    live and keep firing where they did. Reads back to the host (it runs between steps); returns the
+    training step (the trainer keeps it: train_steps' keep_code), `err`, that step's squared
+    reconstruction error over all ranks' rows, and `resid_BD`, this rank's residuals x - x_hat of that
+    step; the counts are added over ranks under data parallel, so every rank merges the same pairs.
+
+    Per merge (pick), the more frequent latent takes the pair's mean direction, its encoder row and bias
+    scaled to carry the partner's output too; the partner is re-seeded: its decoder on a residual
+    direction (reseed_directions, drawn from `seed`), its encoder row that direction at RESEED_ENCODER
+    of the live latents' mean encoder norm, b_enc 0, its dead counter reset. All of it in the weights the run
+    exports too (optim.overwrite_rows_). Reads back to the host (it runs between steps); returns the
     number of pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     i_P, j_P, c_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
-    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, cfg.merge_cofire, cfg.merge_cofire_frequent, cfg.merge_max_cost)
-    if m.frequent_M.numel():
-        overwrite_rows_(opt, sae.W_dec_FD, torch.cat([m.frequent_M, m.rare_M]), m.direction_MD.repeat(2, 1))
-    return int(m.frequent_M.shape[0])
+    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts)
+    if m.frequent_M.numel() == 0:
+        return 0
+    seeds_MD = reseed_directions(resid_BD, m.frequent_M.numel(), seed)
+    n = seeds_MD.shape[0]  # a pair without a residual row to re-seed its partner on is left as it is
+    keep_M, rare_M, scale_M1 = m.frequent_M[:n], m.rare_M[:n], m.scale_M[:n, None]
+    encoder_norm = sae.W_enc[alive_F].norm(dim=1).mean() * RESEED_ENCODER
+    overwrite_rows_(opt, sae.W_dec_FD, keep_M, m.direction_MD[:n])
+    overwrite_rows_(opt, sae.W_enc, keep_M, sae.W_enc[keep_M] * scale_M1)
+    overwrite_rows_(opt, sae.b_enc, keep_M, sae.b_enc[keep_M] * scale_M1[:, 0])
+    overwrite_rows_(opt, sae.W_dec_FD, rare_M, seeds_MD)
+    overwrite_rows_(opt, sae.W_enc, rare_M, seeds_MD * encoder_norm)
+    overwrite_rows_(opt, sae.b_enc, rare_M, torch.zeros_like(sae.b_enc[rare_M]))
+    since_fired_F[rare_M] = 0
+    return n
 
 
 @torch.no_grad()
-def step_code(sae: TopKSAE, x_BD: Tensor) -> tuple[SparseCode, Tensor]:
+def step_code(sae: TopKSAE, x_BD: Tensor) -> tuple[SparseCode, Tensor, Tensor]:
     """What merge_ takes, for a batch outside the trainer (tests, benchmarks): the SAE's top-k code of
-    x_BD and its squared reconstruction error (this process's rows only)."""
+    x_BD, its squared reconstruction error and its residuals (this process's rows only)."""
     code = sae.encode_sparse(x_BD)
-    return code, (x_BD - sae.decode_sparse(code)).float().square().sum()
+    resid_BD = (x_BD - sae.decode_sparse(code)).float()
+    return code, resid_BD.square().sum(), resid_BD

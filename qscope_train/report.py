@@ -42,6 +42,10 @@ def _fmt(value, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
+def _pct(value):
+    return None if value is None else 100 * value
+
+
 def _per_layer_plot(out: Path, name: str, sets: dict[str, dict], key: str, title: str, ylabel: str, scale=1.0):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
@@ -109,10 +113,12 @@ def write_eval_report(out: Path, result: dict) -> Path:
             100,
         ),
         _firing_plot(out, sets),
+        _twin_plot(out, sets),
     ]
     lines = [f"# Evaluation on `{result['model']}`", "", *_eval_preamble(result), ""]
     for name, per in sets.items():
         lines += [f"## {_label(name, sets)}: `{result['sets'][name]['source']}`", "", *_metrics_table(per), ""]
+        lines += ["Scorecard:", "", *_scorecard_table(per), ""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots if p] + [""]
     return atomic_write_text(out / "report.md", "\n".join(lines))
 
@@ -123,7 +129,9 @@ def _eval_preamble(result: dict) -> list[str]:
         "",
         "FVU = Σ‖x − x̂‖² / Σ‖x − mean(x)‖² (centered; 1 = predicting the mean); "
         "EV (unc.) = 1 − Σ‖x − x̂‖² / Σ‖x‖². ΔCE = spliced − clean next-token cross-entropy (nats/token); "
-        "CE rec. = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE clean); KL(clean ‖ spliced) in nats/token.",
+        "CE rec. = (CE zero-ablated − CE spliced) / (CE zero-ablated − CE clean); KL(clean ‖ spliced) in nats/token. "
+        "Twins: live latents (fired on these tokens) with another live latent at decoder cosine ≥ 0.95. The "
+        "scorecard's other columns are SAEBench's core metrics; the README's \"Quality scorecard\" gives each formula.",
     ]
     filters = result.get("filters")
     if filters:
@@ -139,17 +147,66 @@ def _eval_preamble(result: dict) -> list[str]:
 
 
 def _metrics_table(per: dict[int, dict]) -> list[str]:
-    head = "| layer | FVU | EV (unc.) | MSE | cosine | rel. norm | L0 | dead % | dense % | ΔCE | CE rec. | KL |"
+    head = "| layer | FVU | EV (unc.) | MSE | cosine | l2 ratio | L0 | dead % | dense % | ΔCE | CE rec. | KL |"
     lines = [head, "|---" * 12 + "|"]
     for n in sorted(per):
         m = per[n]
         lines.append(
             f"| {n} | {_fmt(m['fvu'])} | {_fmt(m['explained_variance_uncentered'])} | {_fmt(m['mse'], '.4g')} | "
-            f"{_fmt(m['cosine'])} | {_fmt(m['rel_norm'])} | {_fmt(m['l0'], '.1f')} | {_fmt(100 * m['dead_frac'], '.2f')} | "
+            f"{_fmt(m['cosine'])} | {_fmt(m['l2_ratio'])} | {_fmt(m['l0'], '.1f')} | {_fmt(100 * m['dead_frac'], '.2f')} | "
             f"{_fmt(100 * m['dense_frac'], '.2f')} | {_fmt(m.get('delta_ce'))} | {_fmt(m.get('ce_recovered'))} | "
             f"{_fmt(m.get('kl'))} |"
         )
     return lines
+
+
+def _scorecard_table(per: dict[int, dict]) -> list[str]:
+    """Twins and SAEBench's core metrics (formulas in the README's "Quality scorecard")."""
+    head = (
+        "| layer | twins % (cos ≥ 0.95) | twins % (≥ 0.99) | EV legacy (SAEBench) | rel. recon. bias | "
+        "avg max dec cos | avg max enc cos | enc–dec cos | > 1 % of tokens | > 10 % | consistent act. |"
+    )
+    lines = [head, "|---" * 11 + "|"]
+    for n in sorted(per):
+        m = per[n]
+        if "twin_frac" not in m:
+            continue
+        lines.append(
+            f"| {n} | {_fmt(100 * m['twin_frac'], '.2f')} | {_fmt(100 * m['twin_frac_99'], '.2f')} | "
+            f"{_fmt(m['explained_variance_legacy'])} | {_fmt(m['relative_reconstruction_bias'])} | "
+            f"{_fmt(m['average_max_decoder_cosine_sim'])} | {_fmt(m['average_max_encoder_cosine_sim'])} | "
+            f"{_fmt(m['encoder_decoder_cosine_sim'])} | {_fmt(100 * m['freq_over_1_percent'], '.2f')} % | "
+            f"{_fmt(100 * m['freq_over_10_percent'], '.2f')} % | {_fmt(m.get('consistent_activation_heuristic'), '.2f')} |"
+        )
+    return lines
+
+
+def _twin_plot(out: Path, sets: dict[str, dict]) -> str | None:
+    """Per layer, the histogram of each live latent's largest decoder cosine to another live latent."""
+    layers = sorted({n for per in sets.values() for n, m in per.items() if "max_decoder_cos_hist" in m})
+    if not layers:
+        return None
+    plt = _pyplot()
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, n in zip(axes.flat, layers, strict=False):
+        for set_name, per in sets.items():
+            if n in per and "max_decoder_cos_hist" in per[n]:
+                h = per[n]["max_decoder_cos_hist"]
+                label = f"{_label(set_name, sets)} ({100 * per[n]['twin_frac']:.1f} % twins)"
+                ax.stairs(h["counts"], [-0.05, *h["edges"][1:]], label=label)
+        ax.axvline(0.95, color="grey", linestyle="--", linewidth=1)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_title(f"layer {n}")
+        ax.set_xlabel("largest decoder cosine to another live latent (bin at -0.05: all below 0)")
+        ax.set_ylabel("live latents")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(layers) :]:
+        ax.axis("off")
+    fig.suptitle("Twin latents: a live latent right of the dashed line has a twin")
+    fig.tight_layout()
+    return _save(fig, out / "twins_hist.png")
 
 
 def write_adapt_report(out: Path, adapt: dict) -> Path:
@@ -167,8 +224,8 @@ def write_adapt_report(out: Path, adapt: dict) -> Path:
         "on the same tokens. ΔCE is the spliced next-token loss increase over the clean model (nats/token).",
         "",
         "| layer | FVU before | FVU after | ΔCE before | ΔCE after | CE rec. before | CE rec. after | "
-        "dead % before | dead % after | decoder cos (mean) | features with cos < 0.9 |",
-        "|---" * 11 + "|",
+        "dead % before | dead % after | twins % before | twins % after | decoder cos (mean) | features with cos < 0.9 |",
+        "|---" * 13 + "|",
     ]
     for n in sorted(layers):
         m, d = layers[n], layers[n]["drift"]
@@ -176,7 +233,8 @@ def write_adapt_report(out: Path, adapt: dict) -> Path:
             f"| {n} | {_fmt(m['fvu_before'])} | {_fmt(m['fvu_after'])} | {_fmt(m.get('delta_ce_before'))} | "
             f"{_fmt(m.get('delta_ce_after'))} | {_fmt(m.get('ce_recovered_before'))} | "
             f"{_fmt(m.get('ce_recovered_after'))} | {_fmt(100 * m['dead_frac_before'], '.2f')} | "
-            f"{_fmt(100 * m['dead_frac_after'], '.2f')} | {_fmt(d['decoder_cos_mean'])} | "
+            f"{_fmt(100 * m['dead_frac_after'], '.2f')} | {_fmt(_pct(m.get('twin_frac_before')), '.2f')} | "
+            f"{_fmt(_pct(m.get('twin_frac_after')), '.2f')} | {_fmt(d['decoder_cos_mean'])} | "
             f"{_fmt(100 * d['frac_decoder_below_0.9'], '.1f')} % |"
         )
     lines += ["", "## Most-changed features", "", "Lowest decoder-direction cosine between source and adapted SAE.", ""]

@@ -23,6 +23,7 @@ from .data.tokens import Sequence as TokSeq
 from .data.tokens import batched
 from .lm import LoadedLM
 from .sae import TopKSAE
+from .scorecard import SequenceFiring
 
 HEAD_CHUNK = 1024  # scored positions per head GEMM: a (HEAD_CHUNK, vocab) fp32 block and its temporaries
 Replace = Callable[[Tensor], Tensor]  # (B, T, d_model) layer output -> its stand-in, same shape and dtype
@@ -49,12 +50,24 @@ def splice(layer: nn.Module, replace: Replace, mask_BT: Optional[Tensor] = None)
 
 def sae_replace(sae: TopKSAE) -> Replace:
     """The SAE's reconstruction, computed in fp32 and cast back to the stream's dtype."""
+    return _SAEReplace(sae)
 
-    def replace(h_BTD: Tensor) -> Tensor:
-        x_ND = h_BTD.reshape(-1, h_BTD.shape[-1]).to(sae.W_enc.dtype)
-        return sae(x_ND).x_hat_BD.reshape(h_BTD.shape).to(h_BTD.dtype)
 
-    return replace
+class _SAEReplace:
+    """sae_replace's function; with `firing` set, each call also counts the code's firings per sequence at
+    the positions `mask_BT` marks (the spliced ones)."""
+
+    def __init__(self, sae: TopKSAE) -> None:
+        self.sae, self.firing, self.mask_BT = sae, None, None
+
+    def __call__(self, h_BTD: Tensor) -> Tensor:
+        x_ND = h_BTD.reshape(-1, h_BTD.shape[-1]).to(self.sae.W_enc.dtype)
+        out = self.sae(x_ND)
+        if self.firing is not None:
+            vals, idx = out.code
+            B, T = h_BTD.shape[:2]
+            self.firing.add(idx.view(B, T, -1), vals.view(B, T, -1), self.mask_BT)
+        return out.x_hat_BD.reshape(h_BTD.shape).to(h_BTD.dtype)
 
 
 def zero_replace(h_BTD: Tensor) -> Tensor:
@@ -139,7 +152,8 @@ def downstream_metrics(
     splice_filtered: bool = False,
     progress: Optional[Callable] = None,
 ) -> dict[str, dict[int, dict]]:
-    """Per set and layer: ce_clean, ce_spliced, ce_zero_ablated, delta_ce, ce_recovered, kl, kl_zero_ablated.
+    """Per set and layer: ce_clean, ce_spliced, ce_zero_ablated, delta_ce, ce_recovered, kl, kl_zero_ablated,
+    and SAEBench's consistent_activation_heuristic over the spliced positions (scorecard.SequenceFiring).
 
     The splice covers every position the training filters keep (not position 0, padding or special
     tokens, which the SAE never saw) unless splice_filtered; zero ablation covers the same positions.
@@ -150,17 +164,22 @@ def downstream_metrics(
     head = lm.model.get_output_embeddings()
     clean, zero = _Sums(), {n: _Sums() for n in layers}
     spliced = {name: {n: _Sums() for n in saes} for name, saes in sets.items()}
+    firing = {name: {n: SequenceFiring(sae.d_sae) for n, sae in saes.items()} for name, saes in sets.items()}
     n_batches = -(-len(seqs) // batch_sequences)
     n_forwards = len(sets) + len(layers) + sum(len(saes) for saes in sets.values())
     bar = progress(total=n_batches * n_forwards, desc="spliced loss", unit="fwd") if progress else None
     for p, (name, saes) in enumerate(sets.items()):
         homes = {n: sae.W_enc.device for n, sae in saes.items()}
-        replaces = {n: sae_replace(sae.to(device).eval()) for n, sae in saes.items()}
+        replaces = {n: _SAEReplace(sae.to(device).eval()) for n, sae in saes.items()}
+        for n, r in replaces.items():
+            r.firing = firing[name][n]
         for ids_BT, attn_BT in batched(seqs, batch_sequences):
             ids_BT, attn_BT = ids_BT.to(device), attn_BT.to(device)
             mask_BT = None if splice_filtered else filt.token_mask(ids_BT, attn_BT)[0]
             scored = (attn_BT[:, 1:] & attn_BT[:, :-1]).reshape(-1)
             target_N = ids_BT[:, 1:].reshape(-1)[scored]
+            for r in replaces.values():
+                r.mask_BT = attn_BT.bool() if mask_BT is None else mask_BT
             clean_ND = _at(final_hidden(lm, ids_BT, attn_BT), scored)
             runs = [(spliced[name][n], n, replaces[n]) for n in saes]
             if p == 0:  # the clean loss and the zero ablations once, in the first set's pass
@@ -174,7 +193,10 @@ def downstream_metrics(
             sae.to(homes[n])
     if bar is not None:
         bar.close()
-    return {name: {n: _layer_result(clean, zero[n], s) for n, s in per.items()} for name, per in spliced.items()}
+    return {
+        name: {n: _layer_result(clean, zero[n], s) | firing[name][n].result() for n, s in per.items()}
+        for name, per in spliced.items()
+    }
 
 
 def _at(h_BTD: Tensor, scored: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ the Python thread; batches arrive prefetched (data/prefetch.py).
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -19,11 +18,12 @@ from torch import Tensor
 
 from . import distributed, duplicates, objectives
 from .checkpoints import Checkpoints, restore, state_payload
-from .config import Activation, DecoderInit, TrainerConfig
+from .config import Activation, TrainerConfig
 from .data.batches import BatchSource
-from .data.prefetch import Item, Prefetched, to_device
+from .data.prefetch import Prefetched, to_device
 from .errors import QScopeError
-from .losses import auxk, dead_topk, global_mean, sum_stats, variance_from_stats
+from .init import initialise
+from .losses import auxk, dead_topk, sum_stats, variance_from_stats
 from .optim import averaged_weight, build, use_averaged_weights_
 from .sae import ForwardOutput, SparseCode, TopKSAE
 
@@ -82,9 +82,10 @@ class LayerState:
     first_bad: Optional[Tensor] = None  # [step, loss] of the first non-finite loss; step -1 while none
     lr: float = 0.0  # the rate the last step used
     merges: int = 0  # pairs of duplicate latents merged in this process (duplicates.merge_)
-    # on a step a merge pass follows: the step's code (this rank's rows) and squared error (all ranks')
+    # on a step a merge pass follows: the step's code and residuals (this rank's rows), squared error (all ranks')
     step_code: Optional[SparseCode] = None
     step_err: Optional[Tensor] = None
+    step_resid: Optional[Tensor] = None
 
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
@@ -146,7 +147,8 @@ def _backward(
         state.step_code = SparseCode(vals_BK.detach(), idx_BK) if keep_code else None
         fired_BK = vals_BK != 0
         fired_F.index_add_(0, idx_BK.reshape(-1), fired_BK.reshape(-1).to(fired_F.dtype))
-        e_BD = x_BD - out.x_hat_BD
+        e_BD = x_BD - out.x_hat_BD.detach()
+        state.step_resid = e_BD if keep_code else None
         stats[FVU] += main.detach()
         if aux is not None:
             stats[AUXK] += aux.detach()
@@ -274,34 +276,6 @@ def new_state(sae: TopKSAE, cfg: TrainerConfig, total_steps: int, device: torch.
     return LayerState(sae, opt, sched, torch.zeros(sae.d_sae, dtype=torch.long, device=device), first_bad=first_bad)
 
 
-@torch.no_grad()
-def _init_from_rows(states: dict[int, LayerState], peeked: list[Item], it, cfg: TrainerConfig, device) -> list[Item]:
-    """decoder_init=data: each decoder direction starts as a distinct training row minus b_dec, normalised
-    (the encoder as encoder_init_norm times it), drawn from the first global batches
-    (every rank's rows in rank order, so any number of processes starts alike). Returns the (batch,
-    position) items read, which training then starts with."""
-    first = next(iter(states))
-    d_sae = states[first].sae.d_sae
-    while sum(b[first].shape[0] for b, _ in peeked) * distributed.world() < d_sae:
-        try:
-            peeked.append(next(it))
-        except StopIteration:
-            break
-    batches = [b for b, _ in peeked]
-    for n, state in states.items():
-        sae = state.sae
-        g = torch.Generator().manual_seed(cfg.seed * 65_537 + n)  # per layer: whichever layers train beside it
-        rows = torch.cat([distributed.cat(b[n].to(device).float()) for b in batches]) - sae.b_dec
-        rows = rows[torch.isfinite(rows).all(1) & (rows.norm(dim=1) > 0)]  # a bad row fails at its own step
-        pick = torch.randperm(rows.shape[0], generator=g)[:d_sae].to(device)
-        dirs_FD = torch.nn.functional.normalize(rows[pick], dim=-1)
-        m = dirs_FD.shape[0]  # fewer rows than latents: the rest keep their random directions
-        sae.W_dec_FD[:m] = dirs_FD
-        sae.W_enc[:m] = dirs_FD * cfg.encoder_init_norm
-        sae.W_enc[m:] = sae.W_dec_FD[m:] * cfg.encoder_init_norm
-    return peeked
-
-
 def fit(
     saes: dict[int, TopKSAE],
     batches: BatchSource,
@@ -343,15 +317,14 @@ def fit(
         if distributed.rank() == 0:
             print(
                 f"fit: no duplicate-merge pass fits this run: the first dead window ({cfg.dead_after_tokens:,} "
-                f"tokens) ends after trainer.merge_until ({cfg.merge_until:g} of "
-                f"{total_steps * cfg.batch_size:,} tokens); lower trainer.dead_after_tokens or raise "
-                "trainer.merge_until to merge"
+                f"tokens) is longer than the run ({total_steps * cfg.batch_size:,} tokens); lower "
+                "trainer.dead_after_tokens to merge"
             )
     traffic_before, first_step = distributed.traffic(), None
     with Prefetched(batches, cfg.prefetch_batches, pin=device.type == "cuda") as source:
         it = iter(source)
         if ckpt is None and init_b_dec:
-            it = _initialise(states, it, cfg, device)
+            it = initialise({n: st.sae for n, st in states.items()}, it, cfg, device)
         with progress(total=total_steps, desc="fit", unit="step", initial=start) as bar:
             for step, (batch, position) in zip(range(start, total_steps), it, strict=False):
                 if first_step is None:  # the initialisation's collectives are not the steps'
@@ -360,9 +333,12 @@ def fit(
                 merging = merge and duplicates.merge_step(step, cfg, total_steps)
                 train_steps(states, xs, cfg, step, flat, keep_code=merging)
                 if merging:
-                    for s in states.values():
-                        s.merges += duplicates.merge_(s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, cfg)
-                        s.step_code = s.step_err = None
+                    for n, s in states.items():
+                        seed = (cfg.seed * 65_537 + n) * 1_000_003 + step
+                        s.merges += duplicates.merge_(
+                            s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, s.step_resid, cfg, seed
+                        )
+                        s.step_code = s.step_err = s.step_resid = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:
                     _check_finite(states, checkpoints)
                     metrics = _read_metrics(states, cfg)
@@ -406,18 +382,6 @@ def fit(
 
 def _per_step(before: dict[str, int], after: dict[str, int], steps: int) -> dict[str, float]:
     return {key: (after[key] - before[key]) / max(steps, 1) for key in after}
-
-
-def _initialise(states: dict[int, LayerState], it, cfg: TrainerConfig, device):
-    """Fresh runs: b_dec at the first global batch's mean and, with decoder_init=data, the decoder from
-    the first batches' rows; returns the iterator of items with those batches put back in front."""
-    peeked = [next(it)]
-    with torch.no_grad():
-        for n, state in states.items():
-            state.sae.b_dec.copy_(global_mean(peeked[0][0][n].to(device).float(), distributed.sum_))
-    if cfg.decoder_init is DecoderInit.data:
-        peeked = _init_from_rows(states, peeked, it, cfg, device)
-    return itertools.chain(peeked, it)
 
 
 def _read_metrics(states: dict[int, LayerState], cfg: TrainerConfig) -> dict[int, dict]:

@@ -9,7 +9,8 @@ hierarchies (a child feature only ever fires together with its parent). Every ba
 Scores, at each token budget: recovered (the fraction of true directions with a decoder column at
 cosine >= 0.9; also for parents and children apart), mean best cosine, columns near (decoder columns
 at cosine >= 0.7 per true direction: above 1, features split between co-firing latents), held-out FVU
-(about the held-out mean), dead (latents that never fire on the held-out rows), and the training wall time until 90 % of
+(about the held-out mean), dead (latents that never fire on the held-out rows), twins (live latents with
+another live latent at decoder cosine >= 0.95), and the training wall time until 90 % of
 the directions were recovered (checked every --eval-every tokens; data generation and scoring excluded).
 
 qscope-train runs one fit per budget (its schedule depends on the run length); sparsify is
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+ROOT = Path(__file__).resolve().parents[1]  # for qscope_train.scorecard (torch only) in sparsify's environment too
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,12 @@ class Shape:
     batch: int = 4096
     hierarchy: bool = True  # 1/16 of the features are parents with 3 children each
     zipf_power: float = 1.0  # 0: every independent feature equally frequent
+    # the hard shape's extras: each token's feature frequencies times a log-normal factor of mean 1 and log
+    # standard deviation `density_spread`, so that the count of active features varies far more than a fixed rate's;
+    # children at a fraction (0.2-0.6) of their parent's magnitude; noise stronger along a few directions
+    density_spread: float = 0.0
+    child_of_parent_magnitude: bool = False
+    anisotropic_noise: bool = False
 
 
 SHAPES = {
@@ -56,6 +64,17 @@ SHAPES = {
     "wide": Shape(d_model=512, n_features=4096, d_sae=8192, k=32, mean_active=20),
     # the easy case, where every trainer gets close to all directions: no hierarchy, equal frequencies
     "easy": Shape(d_model=64, n_features=256, d_sae=1024, k=16, mean_active=5, hierarchy=False, zipf_power=0.0),
+    # k four times the mean number of active features, which itself varies widely from token to token
+    "hard": Shape(
+        d_model=128,
+        n_features=1024,
+        d_sae=2048,
+        k=32,
+        mean_active=8,
+        density_spread=1.0,
+        child_of_parent_magnitude=True,
+        anisotropic_noise=True,
+    ),
 }
 # the tiny Qwen3's layer-2 residual stream: one pass over its cached training rows (no ground truth)
 TINY = Shape(d_model=64, n_features=0, d_sae=1024, k=16, mean_active=0, batch=1024)
@@ -96,13 +115,22 @@ class Dictionary:
         self.scales = torch.exp(0.4 * torch.randn(F, generator=g))
         self.offset = torch.randn(D, generator=g) * (2.0 / math.sqrt(D))
         self.noise = 0.02
+        # anisotropic noise: per-axis scales from 4x down to 1/4 of `noise` in a random orthonormal basis
+        if shape.anisotropic_noise:
+            basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+            self.noise_DD = basis * torch.logspace(math.log10(4), math.log10(0.25), D)[:, None]
 
     def batch(self, index: int, rows: int | None = None) -> torch.Tensor:
         """Rows of batch `index` (negative indices are held-out batches), (rows, d_model) fp32."""
         rows = rows or self.shape.batch
         g = torch.Generator().manual_seed(((self.seed + 7) * 1_000_003 + index + (1 << 40)) % 2**63)
         F = self.shape.n_features
-        active = torch.rand(rows, F, generator=g) < self.freq
+        freq = self.freq.expand(rows, F)
+        if self.shape.density_spread > 0:
+            sigma = self.shape.density_spread  # a log-normal factor of mean 1 per token
+            density = torch.exp(sigma * torch.randn(rows, 1, generator=g) - sigma**2 / 2)
+            freq = (freq * density).clamp(max=1.0)
+        active = torch.rand(rows, F, generator=g) < freq
         # children: each active parent picks one of its children with probability CHILD_PROB
         parents = active[:, : self.n_parents]
         pick = torch.randint(0, self.CHILDREN, (rows, self.n_parents), generator=g)
@@ -112,11 +140,20 @@ class Dictionary:
         # sparse assembly: magnitudes only for the active (row, feature) pairs, summed per row
         row, feat = active.nonzero(as_tuple=True)  # row-major, so each row's pairs are contiguous
         magnitude = self.scales[feat] * (0.25 + torch.empty(feat.shape[0]).exponential_(generator=g))
+        if self.shape.child_of_parent_magnitude and self.n_parents:
+            # a child's magnitude is a fraction of its parent's on the same row (the parent is active there)
+            lookup = torch.full((rows, F), -1, dtype=torch.long)
+            lookup[row, feat] = torch.arange(feat.shape[0])
+            child = self.parent_of[feat] >= 0
+            parent_at = lookup[row[child], self.parent_of[feat[child]]]
+            fraction = 0.2 + 0.4 * torch.rand(int(child.sum()), generator=g)
+            magnitude[child] = magnitude[parent_at] * fraction
         offsets = torch.zeros(rows, dtype=torch.long)
         offsets[1:] = torch.bincount(row, minlength=rows).cumsum(0)[:-1]
         x = torch.nn.functional.embedding_bag(feat, self.directions, offsets, mode="sum", per_sample_weights=magnitude)
         x = x + self.offset
-        return x + self.noise * torch.randn(rows, self.shape.d_model, generator=g)
+        noise = torch.randn(rows, self.shape.d_model, generator=g)
+        return x + self.noise * (noise @ self.noise_DD if self.shape.anisotropic_noise else noise)
 
     def info(self) -> dict:
         return {
@@ -156,7 +193,13 @@ DIRECTION_SCORES = ("recovered", "recovered_parents", "recovered_children", "mea
 
 
 def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> dict:
-    """Recovery against the true directions (None without them), held-out FVU and dead fraction."""
+    """Recovery against the true directions (None without them), held-out FVU, dead fraction, twins (live
+    latents, those firing on the held-out rows, with another live one at decoder cosine >= 0.95) and the
+    mean over latents of the largest decoder cosine to another latent (SAEBench's)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from qscope_train.scorecard import max_cosines, twins
+
     err = var = 0.0
     mean = x.mean(0)
     ever = torch.zeros(decoder_DF.shape[1], dtype=torch.bool)
@@ -164,7 +207,14 @@ def score(d, decoder_DF: torch.Tensor, reconstruct, fired, x: torch.Tensor) -> d
         err += (xb - reconstruct(xb)).pow(2).sum().item()
         var += (xb - mean).pow(2).sum().item()
         ever |= fired(xb)
-    out = {"heldout_fvu": round(err / var, 4), "dead_frac": round(1 - float(ever.float().mean()), 4)}
+    tw = twins(decoder_DF.T, ever)
+    out = {
+        "heldout_fvu": round(err / var, 4),
+        "dead_frac": round(1 - float(ever.float().mean()), 4),
+        "twin_frac": round(tw["twin_frac"], 4),
+        "twin_frac_99": round(tw["twin_frac_99"], 4),
+        "avg_max_decoder_cos": round(float(max_cosines(decoder_DF.T)[0].mean()), 4),
+    }
     if d.directions is None:
         return out | dict.fromkeys(DIRECTION_SCORES)
     cols = torch.nn.functional.normalize(decoder_DF.float(), dim=0)
@@ -231,7 +281,7 @@ def run_ours(d, seed: int, tokens: int, eval_every: int, overrides: list[str]) -
     sae_cfg = build(SAEConfig, "sae", {"d_sae": shape.d_sae, "k": shape.k})
     x_held = d.heldout()
     sae = TopKSAE(shape.d_model, sae_cfg.d_sae, sae_cfg.k, sae_cfg.activation)
-    sae.init_weights_(generator=torch.Generator().manual_seed(seed), encoder_norm=t.encoder_init_norm)
+    sae.init_weights_(generator=torch.Generator().manual_seed(seed))
     # the first torch Optimizer of a process imports torch._dynamo (~1.8 s here); sparsify's optimizer is
     # built before its clock starts, so that one-time import is kept off both clocks
     importlib.import_module("torch._dynamo")
@@ -382,7 +432,8 @@ def _summary(curve: list[dict]) -> dict:
     final = curve[-1]
     to90 = next((c["seconds"] for c in curve if (c["recovered"] or 0) >= 0.9), None)
     return {"tokens": final["tokens"], "seconds": final["seconds"], "seconds_to_90": to90} | {
-        k: final[k] for k in (*DIRECTION_SCORES, "heldout_fvu", "dead_frac")
+        k: final[k]
+        for k in (*DIRECTION_SCORES, "heldout_fvu", "dead_frac", "twin_frac", "twin_frac_99", "avg_max_decoder_cos")
     }
 
 
@@ -396,8 +447,8 @@ def _tokens(text: str) -> int:
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | tokens | trainer | recovered | parents | children | mean best cos | columns ≥ 0.7 | held-out FVU | dead "
-        "| ΔCE | s to 90 % | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| twins | ΔCE | s to 90 % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(v):
@@ -411,7 +462,7 @@ def table(rows: list[dict]) -> str:
         to90 = r["seconds_to_90"] if r["seconds_to_90"] is not None else "-"
         out.append(
             f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {pct(r['recovered'])} | {pct(r['recovered_parents'])} | "
-            f"{pct(r['recovered_children'])} | {cos} | {near} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
+            f"{pct(r['recovered_children'])} | {cos} | {near} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {r['twin_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
 

@@ -44,7 +44,6 @@ def main(out: str) -> None:
         log_every=1,
         merge_cos=0.5,
         merge_every_tokens=4 * B,
-        merge_until=1.0,
     )
     logs = []
     init = {name: t.clone() for name, t in sae.state_dict().items()}

@@ -1,5 +1,6 @@
-"""Duplicate latents: finding near-parallel pairs, counting co-firing, choosing merges, and a fit that
-merges the decoder directions of planted tilted copies (and leaves them tilted without trainer.merge_cos)."""
+"""Duplicate latents: finding near-parallel pairs, counting co-firing, choosing merges, the merge (one
+latent takes the pair over, the other is re-seeded on the residual), and a fit that gives planted tilted
+copies' feature one latent with no twin (and leaves them tilted without trainer.merge_cos)."""
 
 import copy
 import dataclasses
@@ -12,6 +13,7 @@ from qscope_train.config import ConfigError, DecoderInit, OptimizerName, Trainer
 from qscope_train.data.batches import Unseekable
 from qscope_train.optim import averaged_weight
 from qscope_train.sae import SparseCode, TopKSAE
+from qscope_train.scorecard import twins
 from qscope_train.tracking import NullBar
 from qscope_train.trainer import fit, new_state, train_steps
 
@@ -87,25 +89,25 @@ def test_pick_merges_co_firing_pairs_once_each_into_their_activation_weighted_di
     fired = torch.tensor([10.0, 20.0, 10.0, 5.0])
     act = torch.tensor([1.0, 3.0, 1.0, 1.0])
     both = torch.tensor([9.0, 9.0, 9.0])  # every pair co-fires; each latent may merge once
-    m = duplicates.pick(W, i, j, c, _counts(fired, act, both), cofire=0.5)
+    m = duplicates.pick(W, i, j, c, _counts(fired, act, both), cofire=0.5, max_cost=None)
     assert m.frequent_M.tolist() == [1] and m.rare_M.tolist() == [0]  # latent 1 fires more often
     want = torch.nn.functional.normalize(3.0 * W[1] + 1.0 * W[0], dim=0)
     torch.testing.assert_close(m.direction_MD[0], want)
     # a pair that only ever fired at 0 still merges into a unit direction
-    zero = duplicates.pick(W, i, j, c, _counts(fired, torch.zeros(4), both), cofire=0.5)
+    zero = duplicates.pick(W, i, j, c, _counts(fired, torch.zeros(4), both), cofire=0.5, max_cost=None)
     torch.testing.assert_close(zero.direction_MD.norm(dim=1), torch.ones(1))
     # split features (parallel, but firing on different rows) and rare pairs stay apart
     for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
         counts = _counts(torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0]))
-        assert duplicates.pick(W, i, j, c, counts, cofire=0.5).frequent_M.numel() == 0
+        assert duplicates.pick(W, i, j, c, counts, cofire=0.5, max_cost=None).frequent_M.numel() == 0
     # a dense latent (100 rows) that fires on all 10 rows of a rarer one shares a tenth of its own rows:
     # no copy under cofire_frequent 0.25, so the rarer latent is not pulled onto it
     counts = _counts(torch.tensor([100.0, 10, 0, 0]), act, torch.tensor([10.0, 0, 0]))
-    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.25).frequent_M.numel() == 0
-    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.1).frequent_M.tolist() == [0]
+    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.25, max_cost=None).frequent_M.numel() == 0
+    assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.1, max_cost=None).frequent_M.tolist() == [0]
 
 
-def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
+def test_merge_cost_is_the_squared_error_the_merge_adds_at_the_best_encoder_scale_and_caps_the_merges():
     g = torch.Generator().manual_seed(0)
     W = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
     W[1] = torch.nn.functional.normalize(W[0] + 0.5 * W[2], dim=0)  # latent 1 near latent 0
@@ -116,12 +118,17 @@ def test_merge_cost_is_the_squared_error_the_merge_adds_and_caps_the_merges():
     c = torch.linalg.vecdot(W[i], W[j])
     counts = duplicates.firing_counts(code, i, j, 3)
     fired, act, sq, both, cross = counts.split([3, 3, 3, 1, 1])
-    m = duplicates.pick(W, i, j, c, counts, cofire=0.1)
+    m = duplicates.pick(W, i, j, c, counts, cofire=0.1, max_cost=None)
     assert m.frequent_M.tolist() == [0] and m.rare_M.tolist() == [1]
-    cost = duplicates.merge_cost(c, act[:1], act[1:2], sq[:1], sq[1:2], cross)
-    # both latents keep their activations and take the pair's direction
-    before, after = a[:, :2] @ W[:2], a[:, :2].sum(1, keepdim=True) * m.direction_MD
+    cost, scale = duplicates.merge_cost(c, act[:1], act[1:2], sq[:1], sq[1:2], cross)
+    # latent 0 takes the pair's direction with its activations scaled by s; latent 1's output leaves
+    before = a[:, :2] @ W[:2]
+    best_s = float((a[:, :1] * (before @ m.direction_MD[0])[:, None]).sum() / a[:, 0].square().sum())
+    torch.testing.assert_close(scale, torch.tensor([best_s]))
+    after = best_s * a[:, :1] * m.direction_MD
     torch.testing.assert_close(cost, (before - after).square().sum()[None])
+    assert 1 < best_s < 2
+    torch.testing.assert_close(m.scale_M, scale)
     # the cap compares it with the counted rows' squared error (the entry after the counts)
     for err, merges in ((float(cost) * 10.5, 1), (float(cost) * 9.5, 0)):
         with_err = torch.cat([counts, torch.tensor([err])])
@@ -135,25 +142,25 @@ def test_a_step_keeps_its_code_and_squared_error_for_a_merge_pass_only_when_aske
     state = new_state(sae, cfg, 10, "cpu")
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
     train_steps({0: state}, {0: x}, cfg, 0)
-    assert state.step_code is None and state.step_err is None
+    assert state.step_code is None and state.step_err is None and state.step_resid is None
     seen = copy.deepcopy(sae)  # the weights the next step's forward reads (its update comes after)
     train_steps({0: state}, {0: x}, cfg, 1, keep_code=True)
-    code, err = duplicates.step_code(seen, x)
+    code, err, resid = duplicates.step_code(seen, x)
     kept, order = state.step_code.idx_BK.sort(1)
     assert torch.equal(kept, code.idx_BK.sort(1).values)
     torch.testing.assert_close(state.step_code.vals_BK.gather(1, order), code.vals_BK.gather(1, code.idx_BK.argsort(1)))
     torch.testing.assert_close(state.step_err, err)
-    assert not state.step_code.vals_BK.requires_grad
+    torch.testing.assert_close(state.step_resid, resid)
+    assert not state.step_code.vals_BK.requires_grad and not state.step_resid.requires_grad
     train_steps({0: state}, {0: x}, cfg, 2)  # a later step without a pass drops them
-    assert state.step_code is None and state.step_err is None
+    assert state.step_code is None and state.step_err is None and state.step_resid is None
 
 
 @pytest.mark.parametrize("optimizer", list(OptimizerName))
-def test_merge_gives_both_latents_the_pair_direction_in_the_exported_weights_and_keeps_them_live(optimizer):
+def test_merge_gives_one_latent_the_pair_and_reseeds_the_other_on_the_residual_in_the_exported_weights(optimizer):
     sae = TopKSAE(4, 8, 2)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
-    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9, merge_max_cost=None, optimizer=optimizer)
-    cfg = cfg.resolved(10)
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.9, optimizer=optimizer).resolved(10)
     state = new_state(sae, cfg, 10, "cpu")
     x = torch.randn(64, 4)
     train_steps({0: state}, {0: x}, cfg, 0)  # the schedule-free z buffers now differ from the parameters
@@ -164,28 +171,58 @@ def test_merge_gives_both_latents_the_pair_direction_in_the_exported_weights_and
     x = torch.randn(256, 4) @ torch.diag(torch.tensor([3.0, 1, 1, 1]))
     code = sae.encode_sparse(x)
     assert ((code.idx_BK == 0).any(1) & (code.idx_BK == 1).any(1)).sum() >= 4
-    enc_before, b_enc_before = sae.W_enc.detach().clone(), sae.b_enc.detach().clone()
+    W_enc_before, b_enc_before = sae.W_enc.detach().clone(), sae.b_enc.detach().clone()
+    enc_avg_before = averaged_weight(state.opt, sae.W_enc)
     others_before = averaged_weight(state.opt, sae.W_dec_FD)[2:]
-    since_before = state.since_fired_F.clone()
+    state.since_fired_F[1] = 500
     d0, d1 = (torch.nn.functional.normalize(sae.W_dec_FD[i].detach(), dim=0) for i in (0, 1))
-    strict = dataclasses.replace(cfg, merge_max_cost=1e-6)  # a merge that would cost anything is refused
-    code, err = duplicates.step_code(sae, x)
-    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, strict) == 0
-    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, cfg) == 1
-    W_avg = averaged_weight(state.opt, sae.W_dec_FD)
-    pair_dir = torch.nn.functional.normalize(sae.W_dec_FD[0].detach(), dim=0)
-    for latent in (0, 1):  # the parameter (y), its z buffer and so the average x all hold the direction
-        torch.testing.assert_close(sae.W_dec_FD[latent].detach(), pair_dir)
-        torch.testing.assert_close(W_avg[latent], pair_dir)
+    code, err, resid = duplicates.step_code(sae, x)
+    # a merge that would cost anything is refused (the cap compares with err)
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err * 1e-9, resid, cfg) == 0
+    with torch.no_grad():
+        pairs = duplicates.near_parallel_pairs(sae.W_dec_FD, torch.ones(8, dtype=torch.bool), 0.9)
+        counts = duplicates.firing_counts(code, torch.tensor([0]), torch.tensor([1]), 8)
+        pick = duplicates.pick(sae.W_dec_FD, *pairs, torch.cat([counts, err[None]]))
+    keep, rare = int(pick.frequent_M[0]), int(pick.rare_M[0])
+    assert {keep, rare} == {0, 1}
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg, seed=3) == 1
+    W_avg, enc_avg = averaged_weight(state.opt, sae.W_dec_FD), averaged_weight(state.opt, sae.W_enc)
+    # the kept latent: the pair's direction (between the two) and its encoder scaled, in y, z and the average x
+    torch.testing.assert_close(sae.W_dec_FD[keep].detach(), pick.direction_MD[0])
+    torch.testing.assert_close(W_avg[keep], pick.direction_MD[0])
+    assert float(pick.direction_MD[0] @ d0) > float(d0 @ d1) and float(pick.direction_MD[0] @ d1) > float(d0 @ d1)
+    s = float(pick.scale_M[0])
+    torch.testing.assert_close(sae.W_enc[keep].detach(), s * W_enc_before[keep])
+    torch.testing.assert_close(enc_avg[keep], s * W_enc_before[keep])
+    torch.testing.assert_close(sae.b_enc[keep].detach(), s * b_enc_before[keep])
+    # the other: a unit residual row of the step, its encoder that direction at RESEED_ENCODER of the live norm
+    seed_dir = sae.W_dec_FD[rare].detach()
+    residual_dirs = torch.nn.functional.normalize(resid, dim=1)
+    assert float((residual_dirs @ seed_dir).max()) > 1 - 1e-5
+    torch.testing.assert_close(W_avg[rare], seed_dir)
+    live_norm = W_enc_before.norm(dim=1).mean()  # every latent was live
+    torch.testing.assert_close(enc_avg[rare], seed_dir * live_norm * duplicates.RESEED_ENCODER)
+    assert float(sae.b_enc[rare]) == 0 and int(state.since_fired_F[rare]) == 0
+    # nothing else changed
     torch.testing.assert_close(W_avg[2:], others_before)
-    # the direction lies between the two (activation-weighted), and nothing else changed
-    assert float(pair_dir @ d0) > float(d0 @ d1) and float(pair_dir @ d1) > float(d0 @ d1)
-    assert torch.equal(sae.W_enc.detach(), enc_before) and torch.equal(sae.b_enc.detach(), b_enc_before)
-    assert torch.equal(state.since_fired_F, since_before)
+    torch.testing.assert_close(enc_avg[2:], enc_avg_before[2:])
     if optimizer is OptimizerName.adam:  # the rewritten rows' moments restart
         moments = state.opt.state[sae.W_dec_FD]
         assert not moments["exp_avg"][[0, 1]].any() and not moments["exp_avg_sq"][[0, 1]].any()
         assert moments["exp_avg_sq"].any()
+
+
+def test_reseed_directions_are_distinct_unit_residual_rows_weighted_by_their_error():
+    g = torch.Generator().manual_seed(0)
+    resid = torch.randn(100, 6, generator=g)
+    resid[:3] *= 100  # three rows hold almost all the squared error
+    dirs = duplicates.reseed_directions(resid, 3, seed=1)
+    unit = torch.nn.functional.normalize(resid, dim=1)
+    which = (dirs @ unit.T).argmax(1)
+    assert sorted(which.tolist()) == [0, 1, 2]
+    torch.testing.assert_close(dirs, unit[which])
+    assert torch.equal(dirs, duplicates.reseed_directions(resid, 3, seed=1))  # the seed decides
+    assert duplicates.reseed_directions(torch.zeros(5, 6), 3, seed=1).shape == (0, 6)  # nothing to re-seed on
 
 
 def _copies_fit(merge_cos):
@@ -203,7 +240,6 @@ def _copies_fit(merge_cos):
         decoder_init=DecoderInit.random,
         merge_cos=merge_cos,
         merge_every_tokens=1024,
-        merge_until=1.0,
         checkpoint_every=0,
     )
     with torch.no_grad():  # latents 0-3 and 4-7 both hold the first four true directions, tilted apart
@@ -215,14 +251,16 @@ def _copies_fit(merge_cos):
     summary = fit({0: sae}, Unseekable(batches), cfg, 12, "cpu", lambda s, m: logs.append(m), NullBar, init_b_dec=False)
     assert logs[-1][0]["merged"] == summary[0]["duplicates_merged"]  # the log lines count them too
     unit = torch.nn.functional.normalize(sae.W_dec_FD, dim=1)
-    return summary[0]["duplicates_merged"], torch.linalg.vecdot(unit[:4], unit[4:8]), unit[:8] @ atoms[:4].T
+    live = sae.encode_sparse(torch.cat([b[0] for b in batches])).fire_counts(64) > 0
+    twin_frac = twins(sae.W_dec_FD, live)["twin_frac"]
+    return summary[0]["duplicates_merged"], torch.linalg.vecdot(unit[:4], unit[4:8]), unit @ atoms[:4].T, twin_frac
 
 
-def test_a_fit_merges_the_directions_of_planted_tilted_copies_and_leaves_them_without_merging():
-    merged, cos, to_atoms = _copies_fit(0.5)
+def test_a_fit_gives_planted_tilted_copies_feature_one_latent_without_twins_and_leaves_them_without_merging():
+    merged, _, to_atoms, twin_frac = _copies_fit(0.5)
     best = to_atoms.max(0).values  # each true direction's best column
-    assert merged >= 4 and (cos > 0.9).all() and (best > 0.93).all(), (cos, best)
-    merged, cos, to_atoms = _copies_fit(None)
+    assert merged >= 4 and (best > 0.93).all() and twin_frac == 0, (best, twin_frac)
+    merged, cos, to_atoms, twin_frac = _copies_fit(None)
     best = to_atoms.max(0).values
     assert merged == 0 and (cos < 0.8).all() and (best < 0.93).all(), (cos, best)
 
@@ -232,12 +270,7 @@ def test_a_fit_merges_the_directions_of_planted_tilted_copies_and_leaves_them_wi
     [
         {"merge_cos": 1.0},
         {"merge_cos": 0.0},
-        {"merge_cofire": 0.0},
         {"merge_every_tokens": 0},
-        {"merge_max_cost": 0.0},
-        {"merge_cofire_frequent": 1.5},
-        {"merge_until": 0.0},
-        {"merge_until": 1.5},
     ],
 )
 def test_merge_settings_out_of_range_are_config_errors(bad):
@@ -245,25 +278,17 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window_and_stop_at_merge_until():
-    cfg = TrainerConfig(
-        batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300, merge_until=1.0
-    ).resolved(40)
+def test_merge_passes_start_after_the_first_dead_window_and_run_to_the_end():
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
     # every third step, from the tenth step's end on (1,000 tokens)
     assert [s for s in range(40) if duplicates.merge_step(s, cfg, 40)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
     assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
-    # merge_until 0.5 stops after the first half of the run (the steps ending at or before step 20)
-    half = dataclasses.replace(cfg, merge_until=0.5)
-    assert [s for s in range(40) if duplicates.merge_step(s, half, 40)] == [11, 14, 17]
 
 
-@pytest.mark.parametrize("until", [0.5, 1.0, 0.2])
-@pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500])
+@pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500, 3900, 4100])
 @pytest.mark.parametrize("every", [None, 100, 250, 300])
-def test_first_merge_step_is_the_first_step_merge_step_takes(until, window, every):
-    cfg = TrainerConfig(batch_size=100, dead_after_tokens=window, merge_every_tokens=every, merge_until=until).resolved(
-        40
-    )
+def test_first_merge_step_is_the_first_step_merge_step_takes(window, every):
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=window, merge_every_tokens=every).resolved(40)
     taken = [s for s in range(40) if duplicates.merge_step(s, cfg, 40)]
     assert duplicates.first_merge_step(cfg, 40) == (taken[0] if taken else None)
 
@@ -272,9 +297,17 @@ def test_a_fit_whose_dead_window_leaves_no_merge_pass_says_so(capsys):
     sae = TopKSAE(4, 16, 2)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     batches = [{0: torch.randn(32, 4)} for _ in range(8)]
-    # the first window ends after merge_until
-    cfg = TrainerConfig(batch_size=32, dead_after_tokens=5 * 32, merge_until=0.5, checkpoint_every=0)
+    # the first window ends after the run
+    cfg = TrainerConfig(batch_size=32, dead_after_tokens=9 * 32, checkpoint_every=0)
     fit({0: sae}, Unseekable(batches), cfg, 8, "cpu", lambda *_: None, NullBar)
     assert "no duplicate-merge pass fits this run" in capsys.readouterr().out
-    fit({0: sae}, Unseekable(batches), dataclasses.replace(cfg, merge_until=1.0), 8, "cpu", lambda *_: None, NullBar)
+    fit(
+        {0: sae},
+        Unseekable(batches),
+        dataclasses.replace(cfg, dead_after_tokens=3 * 32),
+        8,
+        "cpu",
+        lambda *_: None,
+        NullBar,
+    )
     assert "no duplicate-merge pass" not in capsys.readouterr().out

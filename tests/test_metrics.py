@@ -41,7 +41,7 @@ def test_cosine_norm_uncentered_dense_and_histogram_match_independent_computatio
         z = sae.encode(x)
     cos = torch.nn.functional.cosine_similarity(x_hat, x, dim=-1).mean()
     assert m["cosine"] == pytest.approx(cos.item(), abs=1e-5)
-    assert m["rel_norm"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-5)
+    assert m["l2_ratio"] == pytest.approx((x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(), rel=1e-5)
     assert m["fvu_uncentered"] == pytest.approx((((x - x_hat) ** 2).sum() / (x**2).sum()).item(), rel=1e-5)
     assert m["explained_variance"] == pytest.approx(1 - m["fvu"])
     assert m["fvu_uncentered"] < m["fvu"]  # x has a non-zero mean, so sum ||x||^2 > centered variance

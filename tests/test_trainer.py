@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -387,7 +388,7 @@ def test_decoder_init_data_starts_each_direction_at_a_distinct_centred_row():
     sae = TopKSAE(32, 512, 8)  # more latents than the two batches have rows
     sae.init_weights_(generator=torch.Generator().manual_seed(1))
     random_dirs = sae.W_dec_FD.detach().clone()
-    cfg = TrainerConfig(batch_size=200, decoder_init=DecoderInit.data, encoder_init_norm=0.5)
+    cfg = TrainerConfig(batch_size=200, decoder_init=DecoderInit.data)
     seen = []
     source = Unseekable(b for b in batches if not seen.append(1))
     fit({0: sae}, source, cfg, 0, "cpu", lambda s, m: None, NullBar)  # initialisation only
@@ -396,7 +397,41 @@ def test_decoder_init_data_starts_each_direction_at_a_distinct_centred_row():
     best, which = (sae.W_dec_FD.detach() @ centred.T).max(1)
     assert (best[:400] > 0.9999).all() and which[:400].unique().numel() == 400
     assert torch.equal(sae.W_dec_FD[400:], random_dirs[400:])  # no rows left for these
-    torch.testing.assert_close(sae.W_enc, 0.5 * sae.W_dec_FD)
+    # the encoder: the decoder's transpose at the first batch's least-squares scale (fit_encoder_scale_)
+    scale = sae.W_enc.norm(dim=1).mean()
+    torch.testing.assert_close(sae.W_enc, scale * sae.W_dec_FD)
+
+
+@pytest.mark.parametrize("decoder_init", ["data", "random"])
+def test_the_first_batch_is_reconstructed_below_fvu_1_at_the_least_squares_encoder_scale(decoder_init):
+    from qscope_train.config import DecoderInit
+    from qscope_train.init import fit_encoder_scale_
+
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.nn.functional.normalize(torch.randn(200, 32, generator=g), dim=-1)
+    x = (torch.rand(1024, 200, generator=g) * (torch.rand(1024, 200, generator=g) < 0.05)) @ atoms + 1.0
+    batches = [{0: x[i * 256 : (i + 1) * 256]} for i in range(4)]
+    sae = TopKSAE(32, 512, 16)
+    sae.init_weights_(generator=torch.Generator().manual_seed(1))
+    cfg = TrainerConfig(batch_size=256, decoder_init=DecoderInit(decoder_init))
+    fit({0: sae}, Unseekable(batches), cfg, 0, "cpu", lambda s, m: None, NullBar)  # initialisation only
+    first = batches[0][0]
+    with torch.no_grad():
+        fvu = ((first - sae(first).x_hat_BD).pow(2).sum() / (first - first.mean(0)).pow(2).sum()).item()
+        assert fvu < 1
+        # the scale is the least-squares one: scaling the encoder either way reconstructs worse
+        for factor in (0.8, 1.25):
+            other = copy.deepcopy(sae)
+            other.W_enc.mul_(factor)
+            other.b_enc.mul_(factor)  # b_dec folded in: the pre-activations scale as a whole
+            worse = ((first - other(first).x_hat_BD).pow(2).sum() / (first - first.mean(0)).pow(2).sum()).item()
+            assert worse > fvu
+        # a tied encoder at unit norm, as before the scale, reconstructs this batch many times over
+        unit = copy.deepcopy(sae)
+        unit.W_enc.copy_(unit.W_dec_FD)
+        unit.b_enc.copy_(-(unit.W_enc @ unit.b_dec))
+        unit.center_input_(True)
+        assert fit_encoder_scale_(unit, first) < 0.5
 
 
 def test_unset_schedule_and_dead_window_follow_the_optimizer_and_the_run_length():

@@ -54,13 +54,14 @@ def adapt_table(adapt: dict) -> str:
     lines = [
         "",
         f"adaptation of {adapt['source']} to {adapt['model']}",
-        "layer  FVU before  FVU after  dCE before  dCE after  decoder cos  cos<0.9",
-        "-----  ----------  ---------  ----------  ---------  -----------  -------",
+        "layer  FVU before  FVU after  dCE before  dCE after  twins before  twins after  decoder cos  cos<0.9",
+        "-----  ----------  ---------  ----------  ---------  ------------  -----------  -----------  -------",
     ]
     for n, m in sorted(adapt["layers"].items(), key=lambda kv: int(kv[0])):
         d = m["drift"]
         lines.append(
             f"{n:>5}  {m['fvu_before']:10.4f}  {m['fvu_after']:9.4f}  {m.get('delta_ce_before', float('nan')):10.4f}  "
-            f"{m.get('delta_ce_after', float('nan')):9.4f}  {d['decoder_cos_mean']:11.4f}  {100 * d['frac_decoder_below_0.9']:6.1f}%"
+            f"{m.get('delta_ce_after', float('nan')):9.4f}  {100 * m.get('twin_frac_before', float('nan')):11.2f}%  "
+            f"{100 * m.get('twin_frac_after', float('nan')):10.2f}%  {d['decoder_cos_mean']:11.4f}  {100 * d['frac_decoder_below_0.9']:6.1f}%"
         )
     return "\n".join(lines)

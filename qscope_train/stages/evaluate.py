@@ -117,19 +117,21 @@ def _feed_heldout(
 
 
 def summary_table(result: dict) -> str:
-    """Per set and layer: held-out FVU, L0, dead %, and the spliced loss when it was measured."""
+    """Per set and layer: held-out FVU, L0, dead %, twins %, SAEBench's legacy EV and l2 ratio, and the
+    spliced loss when it was measured."""
     lines = []
     for name, s in result["sets"].items():
         lines += [
             "",
             f"{name}: {s['source']}",
-            "layer      FVU       L0   dead %      dCE   CE rec.   held-out tokens",
-            "-----  -------  -------  -------  -------  --------  ---------------",
+            "layer      FVU       L0   dead %  twins %  EV leg.  l2 ratio      dCE   CE rec.   held-out tokens",
+            "-----  -------  -------  -------  -------  -------  --------  -------  --------  ---------------",
         ]
         for n, m in sorted(s["layers"].items(), key=lambda kv: int(kv[0])):
             dce, rec = m.get("delta_ce"), m.get("ce_recovered")
             lines.append(
-                f"{n:>5}  {m['fvu']:7.4f}  {m['l0']:7.2f}  {100 * m['dead_frac']:6.2f}%  "
+                f"{n:>5}  {m['fvu']:7.4f}  {m['l0']:7.2f}  {100 * m['dead_frac']:6.2f}%  {100 * m['twin_frac']:6.2f}%  "
+                f"{m['explained_variance_legacy']:7.4f}  {m['l2_ratio']:8.4f}  "
                 f"{'-' if dce is None else f'{dce:7.4f}':>7}  {'-' if rec is None else f'{rec:8.4f}':>8}  {m['n_tokens']:>15,}"
             )
     return "\n".join(lines)

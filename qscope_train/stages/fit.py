@@ -229,10 +229,7 @@ def initial_saes(cfg: RunConfig, d_model: int, layers: Optional[list[int]] = Non
         saes = {}
         for n in layers:
             saes[n] = TopKSAE(d_model, cfg.sae.d_sae, cfg.sae.k, cfg.sae.activation)
-            saes[n].init_weights_(
-                generator=torch.Generator().manual_seed(cfg.trainer.seed + n),
-                encoder_norm=cfg.trainer.encoder_init_norm,
-            )
+            saes[n].init_weights_(generator=torch.Generator().manual_seed(cfg.trainer.seed + n))
         return saes
     saes = load_saes(cfg.init_from, layers, cfg.init_from_revision, cfg.sae.activation)
     check_d_model(saes, f"init_from={cfg.init_from!r}", d_model, cfg.model.name_or_path)
