@@ -118,7 +118,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         run_cfg = to_run_config(cfg)
         accelerator = make_accelerator()
         if accelerator.device.type == "cpu":
-            from .trainer import keep_freed_memory_on_cpu
+            from .allocator import keep_freed_memory_on_cpu
 
             keep_freed_memory_on_cpu()  # the training step's large temporaries stay in glibc's heap
         run(run_cfg, accelerator)

@@ -19,8 +19,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .config import Objective, TrainerConfig
-from .losses import fvu
+from .config import Activation, Objective, TrainerConfig
+from .losses import auxk, dead_topk, fvu
 from .sae import ForwardOutput, LatentMajor, SparseCode, TopKSAE
 
 
@@ -90,3 +90,16 @@ def matryoshka(
         x_hat_BD = sae.decode_sparse(SparseCode(vals_BK * keep_BK, idx_BK), pairs=pairs)
         losses.append(fvu(x_BD, x_hat_BD, var))
     return torch.stack(losses).mean()
+
+
+def auxk_loss(
+    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, var: Optional[Tensor] = None
+) -> Tensor:
+    """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
+    (losses.auxk, divided by `var`, or by this batch's residual variance); the gradient reaches only the
+    dead rows of W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read
+    back to the host to find that out."""
+    relu = sae.activation is Activation.relu_topk
+    idx_BA, dead_BA = dead_topk(out.pre_BF, dead_F, k_aux, relu)
+    e_hat_BD = sae.decode_selected(x_BD, out.pre_BF, idx_BA, dead_BA)
+    return auxk(x_BD, out.x_hat_BD, e_hat_BD, var) * dead_F.any()

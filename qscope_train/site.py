@@ -66,7 +66,13 @@ def feature_record(lf, f: int, tokens: int, bands: int) -> dict:
         "lt": [[int(i), round(float(v), 3)] for i, v in zip(*(t[f] for t in lf.logit_top), strict=True)],
         "lb": [[int(i), round(float(v), 3)] for i, v in zip(*(t[f] for t in lf.logit_bottom), strict=True)],
         "nb": [[int(i), round(float(c), 3)] for i, c in zip(*(t[f] for t in lf.near), strict=True)],
-    }
+    } | _twin(lf, f)
+
+
+def _twin(lf, f: int) -> dict:
+    """{"twin": [partner, decoder cosine]} for a feature with a live twin (browse.live_twins), else {}."""
+    partner = int(lf.twin[0][f])
+    return {"twin": [partner, round(float(lf.twin[1][f]), 3)]} if partner >= 0 else {}
 
 
 def _js(path: Path, call: str, *args) -> None:
@@ -75,7 +81,8 @@ def _js(path: Path, call: str, *args) -> None:
 
 
 def write(out: Path, collected: dict, sets: dict, prompts: list[dict], tokenizer, cfg) -> dict:
-    """Write the site under out/; returns a summary (features, tokens, layers)."""
+    """Write the site under out/; returns a summary (features, tokens, layers, and twins: per layer, how many
+    live latents have a twin)."""
     b = cfg.browse
     trained, source = collected["trained"], collected.get("source")
     used: set[int] = set()
@@ -92,6 +99,7 @@ def write(out: Path, collected: dict, sets: dict, prompts: list[dict], tokenizer
             "max": [round(max(0.0, float(v)), 4) for v in lf.first.top.val[:, 0]],
             "spec": [round(float(s), 4) for s in spec],
             "token": centre_ids.tolist(),
+            "twin": lf.twin[0].tolist(),  # each feature's twin, or -1
         }
         used.update(i for i in index["token"] if i >= 0)
         if moved is not None:
@@ -103,7 +111,9 @@ def write(out: Path, collected: dict, sets: dict, prompts: list[dict], tokenizer
                 rec = feature_record(lf, f, tokens, b.bands)
                 if source is not None:
                     src = feature_record(source[n], f, source[n].first.tokens, b.bands)
-                    rec["source"] = {k: src[k] for k in ("fires", "freq", "max", "hist", "top", "lt")}
+                    rec["source"] = {
+                        k: src[k] for k in ("fires", "freq", "max", "hist", "top", "lt", "twin") if k in src
+                    }
                     rec["drift"] = index["drift"][f]
                 feats.append(rec)
                 for part in (rec, rec.get("source", {})):
@@ -133,7 +143,8 @@ def write(out: Path, collected: dict, sets: dict, prompts: list[dict], tokenizer
     _js(out / "data" / "prompts.js", "qscopePrompts", prompts)
     for asset in ASSETS.iterdir():
         (out / asset.name).write_text(asset.read_text())
-    return {"features": n_features, "tokens": tokens, "layers": [m["layer"] for m in layers_meta]}
+    twins = {n: int((lf.twin[0] >= 0).sum()) for n, lf in trained.items()}
+    return {"features": n_features, "tokens": tokens, "layers": [m["layer"] for m in layers_meta], "twins": twins}
 
 
 def top_feature_ids(index: dict, key: str = "spec", n: int = 10) -> list[int]:

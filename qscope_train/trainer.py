@@ -18,54 +18,15 @@ from torch import Tensor
 
 from . import distributed, duplicates, objectives
 from .checkpoints import Checkpoints, restore, state_payload
-from .config import Activation, TrainerConfig
+from .config import TrainerConfig
 from .data.batches import BatchSource
 from .data.prefetch import Prefetched, to_device
 from .errors import QScopeError
 from .init import initialise
-from .losses import auxk, dead_topk, sum_stats, variance_from_stats
+from .losses import sum_stats, variance_from_stats
+from .objectives import auxk_loss
 from .optim import averaged_weight, build, use_averaged_weights_
-from .sae import ForwardOutput, SparseCode, TopKSAE
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-
-
-def _glibc():
-    """The C library through ctypes if it has glibc's mallopt and malloc_trim, else None."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - AttributeError where they do not exist
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def keep_freed_memory_on_cpu() -> bool:
-    """Ask glibc to serve every allocation from its heap and keep freed memory there.
-
-    By default glibc maps each block above 32 MiB fresh from the OS and unmaps it on free, so every
-    CPU training step page-faults its (B, d_sae) pre-activations and (d_sae, d_model) gradients in
-    again: 10-20 % of a step at d_sae 16384 (docs/BENCHMARKS.md). Process-wide, so the CLI calls it
-    (never an import or fit); a no-op where the C library is not glibc. Returns whether it took effect.
-    """
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def release_freed_memory_on_cpu() -> bool:
-    """Undo keep_freed_memory_on_cpu (glibc's defaults: large blocks mapped apart, free memory at the top
-    of the heap given back) and return what the heap holds free now. For stages whose temporaries vary
-    in size from one batch to the next (the browse stage's merges), where a never-trimmed heap fragments
-    and grows. Returns whether it took effect."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    ok = bool(libc.mallopt(M_MMAP_MAX, 65536)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
-    libc.malloc_trim(0)
-    return ok
+from .sae import SparseCode, TopKSAE
 
 
 @dataclass
@@ -90,19 +51,6 @@ class LayerState:
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
     """The loss became NaN or inf."""
-
-
-def auxk_loss(
-    sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, var: Optional[Tensor] = None
-) -> Tensor:
-    """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
-    (losses.auxk, divided by `var`, or by this batch's residual variance); the gradient reaches only the
-    dead rows of W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read
-    back to the host to find that out."""
-    relu = sae.activation is Activation.relu_topk
-    idx_BA, dead_BA = dead_topk(out.pre_BF, dead_F, k_aux, relu)
-    e_hat_BD = sae.decode_selected(x_BD, out.pre_BF, idx_BA, dead_BA)
-    return auxk(x_BD, out.x_hat_BD, e_hat_BD, var) * dead_F.any()
 
 
 def k_at(step: int, k: int, cfg: TrainerConfig) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qscope_train import memory, trainer
+from qscope_train import allocator, memory, trainer
 from qscope_train.config import DecoderInit, ReaderConfig, TrainerConfig
 from qscope_train.data import shards
 from qscope_train.data.batches import cached_batches
@@ -137,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cpu":
-        trainer.keep_freed_memory_on_cpu()  # what the CLI does before a fit on a CPU
+        allocator.keep_freed_memory_on_cpu()  # what the CLI does before a fit on a CPU
     a.out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # what the fit stage asks for
     layers = list(range(a.layers))
     total = a.warmup + a.steps

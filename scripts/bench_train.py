@@ -30,9 +30,10 @@ import time
 import torch
 
 from qscope_train import duplicates
+from qscope_train.allocator import keep_freed_memory_on_cpu
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
-from qscope_train.trainer import keep_freed_memory_on_cpu, new_state, train_step, train_steps
+from qscope_train.trainer import new_state, train_step, train_steps
 
 
 def main() -> None:

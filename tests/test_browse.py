@@ -1,7 +1,9 @@
-"""The browse stage: per-feature statistics equal a brute-force pass, specific features come first, and
-the static site shows a person the feature, its highlighted contexts, logit lens and histogram when
-opened from file:// in headless Chromium."""
+"""The browse stage: per-feature statistics equal a brute-force pass, specific features come first, twin
+latents are marked on both pages and in the index, and the static site shows a person the feature, its
+highlighted contexts, logit lens and histogram when opened from file:// in headless Chromium."""
 
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -17,8 +19,11 @@ from qscope_train.features import HIST_BINS, hist_bin
 from qscope_train.lm import load_lm
 from qscope_train.load import load_sae
 from qscope_train.pipeline import run
+from qscope_train.rundir import RunDirs
+from qscope_train.scorecard import TWIN_COS, max_cosines
+from qscope_train.stages import browse
 from qscope_train.stages.browse import _held_out, codes, collect
-from qscope_train.tracking import NullBar
+from qscope_train.tracking import NullBar, Tracker
 
 SETTINGS = [
     "experiment=demo",
@@ -178,3 +183,77 @@ def test_an_adaptation_site_shows_the_source_feature_beside_and_sorts_by_drift(b
     assert "Feature 7 · layer 1" in page and "The source SAE's feature 7" in page
     assert re.search(r"drift from the source 2\b", page)
     assert '<script src="data/layer1/b0.js"></script>' in page  # the bucket was loaded on demand, from file://
+
+
+def _turned(u, v, cos: float):
+    """v turned, in the plane of u and v and keeping its norm, to cosine `cos` with u."""
+    u_hat = u / u.norm()
+    o = v - (v @ u_hat) * u_hat
+    return v.norm() * (cos * u_hat + (1 - cos**2) ** 0.5 * o / o.norm())
+
+
+@pytest.fixture(scope="module")
+def twinned(browsed, tmp_path_factory):
+    """This run's layer-1 SAE browsed again with two planted pairs of often-firing latents: a twin (decoder
+    cosine 0.99) and a near pair (0.9). Returns the site, the stage's summary and printed line, the pairs
+    and the planted W_dec."""
+    cfg, run_dir = browsed
+    root = tmp_path_factory.mktemp("twins")
+    shutil.copytree(run_dir / "fit", root / "fit", ignore=shutil.ignore_patterns("checkpoints"))
+    tensors = torch.load(root / "fit" / "layer1.sae.pt", weights_only=True)
+    W = tensors["W_dec"]
+    freq = torch.tensor(_js_data(run_dir / "browse" / "data" / "layer1" / "index.js")[1]["freq"])
+    # far from every other live direction, so the planted cosines are each one's nearest
+    lonely = ((freq > 2e-3) & (max_cosines(W.T, freq > 0)[0] < 0.5)).nonzero().flatten().tolist()
+    a, b, c, d = lonely[:4]
+    W[:, b] = _turned(W[:, a], W[:, b], 0.99)
+    W[:, d] = _turned(W[:, c], W[:, d], 0.9)
+    torch.save(tensors, root / "fit" / "layer1.sae.pt")
+    again = compose([*SETTINGS, f"run_dir={root}", "stages=[browse]", "browse.tokens=4096"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        tracker = Tracker(root, again.wandb, again.name, {})
+        summary = browse.run(again, RunDirs(root), Accelerator(cpu=True), tracker)
+        tracker.close()
+    return root / "browse", summary, printed.getvalue(), (a, b), (c, d), W
+
+
+def _record(site: Path, layer: int, f: int) -> dict:
+    return _js_data(site / "data" / f"layer{layer}" / f"b{f // 128}.js")[2][f % 128]
+
+
+def test_twin_latents_are_named_on_both_pages_and_marked_in_the_index(twinned):
+    site, summary, printed, (a, b), (c, d), W = twinned
+    assert all(_record(site, 1, f)["fires"] > 0 for f in (a, b, c, d))  # the planted pairs are live
+    assert _record(site, 1, a)["twin"] == [b, 0.99] and _record(site, 1, b)["twin"] == [a, 0.99]
+    assert "twin" not in _record(site, 1, c) and "twin" not in _record(site, 1, d)
+    assert [n for n, _ in _record(site, 1, c)["nb"]][0] == d  # the 0.9 pair is still each other's neighbour
+    # the index marks exactly the live latents with another live one at cosine >= 0.95, as a dense pass finds
+    index = _js_data(site / "data" / "layer1" / "index.js")[1]
+    live = torch.tensor(index["freq"]) > 0
+    unit = torch.nn.functional.normalize(W.T.float(), dim=1)
+    cos = (unit @ unit.T).fill_diagonal_(-2)
+    cos[~live], cos[:, ~live] = -2, -2
+    best, partner = cos.max(dim=1)
+    want = torch.where(best >= TWIN_COS, partner, -1).tolist()
+    assert index["twin"] == want and want[a] == b and want[c] == -1
+    layer2 = _js_data(site / "data" / "layer2" / "index.js")[1]["twin"]
+    assert summary["twins"] == {1: sum(j >= 0 for j in want), 2: sum(j >= 0 for j in layer2)}
+    assert f"{summary['twins'][1]} in layer 1" in printed and "twin latents" in printed
+
+
+def test_twin_notes_and_the_twin_filter_render_in_chromium(twinned):
+    site, summary, _, (a, b), (c, d), _ = twinned
+    page = _dom((site / "feature.html").as_uri() + f"#layer=1&id={a}")
+    note = f'Twin of feature <a href="feature.html#layer=1&amp;id={b}">#{b}</a> (decoder cosine 0.99)'
+    assert note in page and "share one direction" in page
+    assert "Twin of feature" not in _dom((site / "feature.html").as_uri() + f"#layer=1&id={c}")
+    marks = _js_data(site / "data" / "layer1" / "index.js")[1]["twin"]
+    twins = [i for i, j in enumerate(marks) if j >= 0]
+    only = _dom((site / "index.html").as_uri() + "#layer=1&twins=only")
+    rows = [int(i) for i in re.findall(r'<tr data-id="(\d+)"', only)]
+    assert len(rows) == min(100, len(twins)) and set(rows) <= set(twins)
+    assert f"twin of #{b}</a>" in only and f"{len(twins)} features match ({len(twins)} twin latents" in only
+    hidden = _dom((site / "index.html").as_uri() + "#layer=1&twins=hide")
+    assert f"{len(marks) - len(twins)} features match" in hidden
+    assert not {str(a), str(b)} & set(re.findall(r'<tr data-id="(\d+)"', hidden))

@@ -10,10 +10,11 @@ from qscope_train import sae as sae_module
 from qscope_train.config import Activation, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
 from qscope_train.losses import fvu
+from qscope_train.objectives import auxk_loss
 from qscope_train.optim import default_lr, lr_factor
 from qscope_train.sae import TopKSAE
 from qscope_train.tracking import NullBar
-from qscope_train.trainer import NonFiniteLossError, auxk_loss, fit
+from qscope_train.trainer import NonFiniteLossError, fit
 
 
 def _encoder_input(sae: TopKSAE, x):
@@ -218,7 +219,7 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_again(keep):
 
     code = f"""
 import resource, torch
-from qscope_train.trainer import keep_freed_memory_on_cpu
+from qscope_train.allocator import keep_freed_memory_on_cpu
 if {keep}:
     assert keep_freed_memory_on_cpu()
 for _ in range(8):  # glibc settles within the first steps (measured: from the 2nd to the 4th allocation on)

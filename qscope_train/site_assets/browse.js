@@ -58,6 +58,7 @@ var qscope = (function () {
     box.appendChild(el("h1", {}, title));
     box.appendChild(el("p", {}, "fires on " + f.fires + " held-out tokens (frequency " + f.freq.toExponential(2) +
       "), max activation " + f.max + (f.drift !== undefined ? ", drift from the source " + f.drift : "")));
+    if (f.twin) box.appendChild(twinNote(f.twin, layer));
     section(box, "Activation histogram"); box.appendChild(histogram(f.hist, S.meta.hist_edges));
     section(box, "Top activations");
     if (!f.top.length) box.appendChild(el("p", { "class": "muted" }, "never fired on the held-out tokens"));
@@ -86,6 +87,13 @@ var qscope = (function () {
       box.appendChild(nb);
     }
   }
+  // a twin is one direction learnt twice: say so on both pages, so nobody reads the pair as two features
+  function twinNote(twin, layer) {
+    var p = el("p", { "class": "twin" }, "Twin of feature ");
+    p.appendChild(el("a", { href: "feature.html#layer=" + layer + "&id=" + twin[0] }, "#" + twin[0]));
+    p.appendChild(document.createTextNode(" (decoder cosine " + twin[1] + "): the two latents share one direction"));
+    return p;
+  }
   function featurePage() {
     var q = params(), layer = +q.layer, id = +q.id, k = Math.floor(id / S.meta.bucket);
     document.title = "feature " + id + " · layer " + layer;
@@ -112,13 +120,19 @@ var qscope = (function () {
     var q = params(); if (q.layer) sel.value = q.layer;
     // an adaptation's index opens on the most-changed features
     document.getElementById("sort").value = q.sort || (m.has_source ? "drift" : "spec");
+    if (q.twins) document.getElementById("twins").value = q.twins;
     function draw() {
       var layer = +sel.value;
       if (!S.index[layer]) { load("data/layer" + layer + "/index.js", "index" + layer, draw); return; }
       var idx = S.index[layer], key = document.getElementById("sort").value, minf = +document.getElementById("minfreq").value;
       if (!idx[key]) key = "spec";
-      var ids = [];
-      for (var i = 0; i < idx.freq.length; i++) if (idx.freq[i] >= minf) ids.push(i);
+      var twins = document.getElementById("twins").value, ids = [], nTwins = 0;
+      function isTwin(i) { return idx.twin !== undefined && idx.twin[i] >= 0; }
+      for (var i = 0; i < idx.freq.length; i++) {
+        if (isTwin(i)) nTwins++;
+        if (idx.freq[i] < minf || (twins === "hide" && isTwin(i)) || (twins === "only" && !isTwin(i))) continue;
+        ids.push(i);
+      }
       ids.sort(function (a, b) { return (idx[key][b] - idx[key][a]) || (idx.freq[b] - idx.freq[a]) || (a - b); });
       var page = Math.max(1, +document.getElementById("page").value), per = 100;
       var body = document.querySelector("#features tbody"); body.textContent = "";
@@ -131,11 +145,15 @@ var qscope = (function () {
         tr.appendChild(el("td", {}, idx.max[i]));
         var d = el("td", { "class": "drift" }, idx.drift ? idx.drift[i] : ""); if (!m.has_source) d.style.display = "none"; tr.appendChild(d);
         tr.appendChild(el("td", { "class": "tok" }, tok(idx.token[i])));
+        var tw = el("td", { "class": "twin" });
+        if (isTwin(i)) tw.appendChild(el("a", { href: "feature.html#layer=" + layer + "&id=" + idx.twin[i], title: "twin: one decoder direction with #" + idx.twin[i] }, "twin of #" + idx.twin[i]));
+        tr.appendChild(tw);
         body.appendChild(tr);
       });
-      document.getElementById("status").textContent = ids.length + " features match; page " + page + " of " + Math.max(1, Math.ceil(ids.length / per));
+      document.getElementById("status").textContent = ids.length + " features match (" + nTwins + " twin latents in this layer); page " +
+        page + " of " + Math.max(1, Math.ceil(ids.length / per));
     }
-    ["layer", "sort", "minfreq", "page"].forEach(function (id) { document.getElementById(id).onchange = draw; });
+    ["layer", "sort", "minfreq", "twins", "page"].forEach(function (id) { document.getElementById(id).onchange = draw; });
     draw();
   }
   function promptsPage() {

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import site
+from ..allocator import release_freed_memory_on_cpu
 from ..config import BrowseConfig, RunConfig
 from ..data.activations import live_chunks
 from ..features import FirstPass, Ranges, logit_lens, neighbours, window_activations
@@ -17,9 +18,9 @@ from ..lm import LoadedLM, load_lm
 from ..load import check_d_model, load_sae, load_saes
 from ..rundir import RunDirs, fit_file
 from ..sae import TopKSAE
+from ..scorecard import TWIN_COS, max_cosines
 from ..splice import final_norm
 from ..tracking import Tracker
-from ..trainer import release_freed_memory_on_cpu
 
 ENCODE_ROWS = 4096  # rows encoded at once: the dense pre-activations are (rows × d_sae)
 FILL_EXAMPLES = 16384  # examples whose context windows are read at once (each gathers window × k codes)
@@ -49,6 +50,15 @@ class LayerFeatures:
     logit_top: tuple[Tensor, Tensor] = field(default=None)  # (ids, logits), (d_sae, k) each
     logit_bottom: tuple[Tensor, Tensor] = field(default=None)
     near: tuple[Tensor, Tensor] = field(default=None)  # (ids, cosines)
+    twin: tuple[Tensor, Tensor] = field(default=None)  # (twin id or -1, nearest live cosine), (d_sae,) each
+
+
+def live_twins(W_dec_FD: Tensor, fires_F: Tensor) -> tuple[Tensor, Tensor]:
+    """Per latent: its twin, the other live latent (one that fired on the held-out tokens) with the nearest
+    decoder direction when that cosine is >= TWIN_COS, else -1; and that nearest live cosine (-inf for a dead
+    latent). Only live latents count: a dead copy of a direction never shows a user one feature twice."""
+    cos_F, partner_F = max_cosines(W_dec_FD, fires_F > 0)
+    return torch.where(cos_F >= TWIN_COS, partner_F, -1), cos_F
 
 
 def codes(sae: TopKSAE, x_ND: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,7 +104,7 @@ def _fill(win: Windows, sel: Tensor, feat: Tensor, tok: Tensor, chunk, offset: i
 
 def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, progress) -> dict[int, LayerFeatures]:
     """Two passes of the model over the held-out split: top-N, histograms and counts, then the lower-range
-    examples and every example's context window; then the logit lens and neighbours from the weights."""
+    examples and every example's context window; then the logit lens, neighbours and twins from the weights."""
     b = cfg.browse
     first = {n: FirstPass.new(sae.d_sae, b.top_n) for n, sae in saes.items()}
     with progress(desc="browse: pass 1 of 2", unit="chunk") as bar:
@@ -136,6 +146,7 @@ def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, prog
             ti, tv, bi, bv = logit_lens(W_dec, norm, head, b.logit_tokens)
         out[n].logit_top, out[n].logit_bottom = (ti, tv), (bi, bv)
         out[n].near = neighbours(W_dec, b.neighbours)
+        out[n].twin = live_twins(W_dec.T, out[n].first.fires)
     return out
 
 
@@ -182,8 +193,10 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     out = dirs.root / "browse"
     summary = site.write(out, collected, sets, prompts, lm.tokenizer, cfg)
     summary["neuronpedia"] = write_neuronpedia(out / "neuronpedia", collected["trained"], sets["trained"], lm, cfg)
+    twins = ", ".join(f"{c} in layer {n}" for n, c in summary["twins"].items())
     print(
-        f"browse: {summary['features']} feature pages over {summary['tokens']:,} held-out tokens -> {out / 'index.html'}"
+        f"browse: {summary['features']} feature pages over {summary['tokens']:,} held-out tokens, "
+        f"twin latents (live, decoder cosine >= {TWIN_COS}): {twins} -> {out / 'index.html'}"
     )
     return summary
 
