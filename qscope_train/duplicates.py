@@ -16,6 +16,7 @@ from . import distributed
 from .config import TrainerConfig
 from .optim import overwrite_rows_
 from .sae import SparseCode, TopKSAE
+from .scorecard import TWIN_COS
 
 ROW_PAIRS = 1 << 20  # (row, pair of its selected latents) entries looked up at once
 # What makes a pair of live latents at decoder cosine >= merge_cos a copy worth merging (session 10's rules,
@@ -131,8 +132,9 @@ def pick(
     that mostly fires elsewhere, such as a dense filler of spare top-k slots, is no copy), and (unless
     max_cost is None) whose merge_cost is at most `max_cost` times the rows' squared reconstruction
     error (counts' last entry); taken greedily in the pairs' order (most parallel first), each latent in
-    one merge at most. A pair's direction is the activation-weighted mean of its two directions; the
-    frequent latent's encoder scale is merge_cost's s (clamped to [1, 2])."""
+    one merge at most. Twins (cosine >= TWIN_COS) need no co-firing: rare or split, two live latents on
+    one direction show a user the same feature twice. A pair's direction is the activation-weighted mean
+    of its two directions; the frequent latent's encoder scale is merge_cost's s (clamped to [1, 2])."""
     d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
     sizes = [d_sae] * 3 + [n_pairs] * 2
     fired_F, act_F, sq_F, both_P, cross_P, rest = counts.split([*sizes, counts.numel() - sum(sizes)])
@@ -141,6 +143,7 @@ def pick(
     # two latents that only fired at 0 still get a direction (cosine >= merge_cos > 0)
     weight_F = act_F + 1e-12
     ok = (both_P >= min_rows) & (both_P >= cofire * fired_F[rare_P]) & (both_P >= cofire_frequent * fired_F[frequent_P])
+    ok |= c_P >= TWIN_COS  # twins merge whether or not they fire together: the user would see one direction twice
     cost_P, scale_P = merge_cost(c_P, weight_F[frequent_P], weight_F[rare_P], sq_F[frequent_P], sq_F[rare_P], cross_P)
     if max_cost is not None:
         ok &= cost_P <= max_cost * rest[0]

@@ -308,9 +308,26 @@ def run_ours(d, seed: int, tokens: int, eval_every: int, overrides: list[str]) -
         s = clock.exclude(measure)
         curve.append({"tokens": (step + 1) * shape.batch, "seconds": round(clock.elapsed(), 2), **s})
 
-    summary = fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
+    from qscope_train import duplicates
+
+    merge_, pass_seconds = duplicates.merge_, []
+
+    def timed_merge_(*args, **kwargs):  # the merge passes' wall time, inside the training clock
+        start = time.perf_counter()
+        try:
+            return merge_(*args, **kwargs)
+        finally:
+            pass_seconds.append(time.perf_counter() - start)
+
+    duplicates.merge_ = timed_merge_
+    try:
+        summary = fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
+    finally:
+        duplicates.merge_ = merge_
     merged = summary[0]["duplicates_merged"]
-    return {"trainer": "qscope-train", "overrides": overrides, "curve": curve, "merged": merged, **_summary(curve)}, sae
+    passes = {"merge_passes": len(pass_seconds), "merge_seconds": round(sum(pass_seconds), 2)}
+    row = {"trainer": "qscope-train", "overrides": overrides, "curve": curve, "merged": merged, **passes}
+    return row | _summary(curve), sae
 
 
 def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path | None = None) -> list[dict]:

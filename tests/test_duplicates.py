@@ -96,12 +96,20 @@ def test_pick_merges_co_firing_pairs_once_each_into_their_activation_weighted_di
     # a pair that only ever fired at 0 still merges into a unit direction
     zero = duplicates.pick(W, i, j, c, _counts(fired, torch.zeros(4), both), cofire=0.5, max_cost=None)
     torch.testing.assert_close(zero.direction_MD.norm(dim=1), torch.ones(1))
-    # split features (parallel, but firing on different rows) and rare pairs stay apart
-    for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
-        counts = _counts(torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0]))
-        assert duplicates.pick(W, i, j, c, counts, cofire=0.5, max_cost=None).frequent_M.numel() == 0
+    # split features (near-parallel, but firing on different rows) and rare pairs stay apart below TWIN_COS,
+    # and merge from it on (twins: the same direction shown twice, wherever each fires)
+    for cos, merges in ((0.9, 0), (0.96, 1)):
+        W_split = _unit([1, 0], [cos, (1 - cos**2) ** 0.5], [0, 1], [0, -1])
+        c_split = torch.linalg.vecdot(W_split[i], W_split[j])
+        for shared, rows in ((4.0, 10.0), (3.0, 3.0)):
+            counts = _counts(torch.tensor([rows, rows, 0, 0]), act, torch.tensor([shared, 0, 0]))
+            m = duplicates.pick(W_split, i, j, c_split, counts, cofire=0.5, max_cost=None)
+            assert m.frequent_M.numel() == merges, (cos, shared, rows)
     # a dense latent (100 rows) that fires on all 10 rows of a rarer one shares a tenth of its own rows:
     # no copy under cofire_frequent 0.25, so the rarer latent is not pulled onto it
+    # (at cosine 0.9: a twin merges whatever it shares)
+    W = _unit([1, 0], [0.9, 0.19**0.5], [0, 1], [0, -1])
+    c = torch.linalg.vecdot(W[i], W[j])
     counts = _counts(torch.tensor([100.0, 10, 0, 0]), act, torch.tensor([10.0, 0, 0]))
     assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.25, max_cost=None).frequent_M.numel() == 0
     assert duplicates.pick(W, i, j, c, counts, 0.5, cofire_frequent=0.1, max_cost=None).frequent_M.tolist() == [0]
