@@ -117,7 +117,9 @@ def main() -> None:
     train_steps({0: state}, {0: batches[-1]}, cfg, len(batches), keep_code=True)
     sync()
     t0 = time.perf_counter()
-    merged = duplicates.merge_(sae, state.opt, state.since_fired_F, state.step_code, state.step_err, cfg)
+    merged = duplicates.merge_(
+        sae, state.opt, state.since_fired_F, state.step_code, state.step_err, state.step_resid, cfg
+    )
     sync()
     merge_s = time.perf_counter() - t0
 
