@@ -231,18 +231,20 @@ def main() -> None:
         )
         if made["ok"]:
             n_layers = 28 if cuda else 4
-            tokens = 131072 if cuda else 16384
+            tokens, eval_tokens = (131072, 8192) if cuda else (8192, 4096)
             common = ["experiment=qwen3_1.7b_base_w32k_k100", f"model.name_or_path={big}"]
             common += [f"data.dataset={fixtures / 'corpus.jsonl'}", "data.context_len=1024"]
-            common += [f"data.train_tokens={tokens}", "data.eval_tokens=8192"]
+            common += [f"data.train_tokens={tokens}", f"data.eval_tokens={eval_tokens}"]
             cache = [py, "-m", "qscope_train.cli", *common, f"run_dir={big_dir}", "stages=[cache]"]
-            cache += [f"layers=[{','.join(map(str, range(n_layers)))}]", "data.shard_tokens=16384"]
-            rec = r.run("qwen3_shape_cache", cache, 240, lambda out: {"tokens": tokens + 8192})
+            cache += [f"layers=[{','.join(map(str, range(n_layers)))}]", f"data.shard_tokens={16384 if cuda else 4096}"]
+            rec = r.run("qwen3_shape_cache", cache, 240, lambda out: {"tokens": tokens + eval_tokens})
             if rec["ok"]:
                 rec["result"]["tokens_per_s_with_load"] = round(rec["result"]["tokens"] / rec["seconds"], 1)
             live_big = [py, "-m", "qscope_train.cli", *common, f"run_dir={big_dir}-live", "stages=[fit]"]
             live_big += ["reader.source=live", f"trainer.max_steps={40 if cuda else 4}", "trainer.log_every=5"]
             live_big += ["layers=[14]"] if cuda else ["layers=[2]", "sae.d_sae=2048", "trainer.batch_size=512"]
+            if not cuda:  # a live fit forwards one shard's tokens (65,536 by default) before its first step
+                live_big += ["data.shard_tokens=4096", "reader.shuffle_buffer_tokens=4096"]
             r.run("qwen3_shape_live_fit", live_big, 240, lambda out: fit_rate(Path(f"{big_dir}-live")))
 
     fig = {}
