@@ -265,8 +265,8 @@ def fit(
         if distributed.rank() == 0:
             print(
                 f"fit: no duplicate-merge pass fits this run: the first dead window ({cfg.dead_after_tokens:,} "
-                f"tokens) is longer than the run ({total_steps * cfg.batch_size:,} tokens); lower "
-                "trainer.dead_after_tokens to merge"
+                f"tokens) is longer than the run's first half ({total_steps * cfg.batch_size:,} tokens in all), "
+                "where merge passes run; lower trainer.dead_after_tokens to merge"
             )
     traffic_before, first_step = distributed.traffic(), None
     with Prefetched(batches, cfg.prefetch_batches, pin=device.type == "cuda") as source:

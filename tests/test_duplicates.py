@@ -286,11 +286,11 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window_and_run_to_the_end():
-    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
-    # every third step, from the tenth step's end on (1,000 tokens)
-    assert [s for s in range(40) if duplicates.merge_step(s, cfg, 40)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
-    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
+def test_merge_passes_start_after_the_first_dead_window_and_stop_at_the_middle_of_the_run():
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(80)
+    # every third step, from the tenth step's end on (1,000 tokens), the last ending by step 40 of 80
+    assert [s for s in range(80) if duplicates.merge_step(s, cfg, 80)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
+    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 80) for s in range(80))
 
 
 @pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500, 3900, 4100])
