@@ -28,11 +28,12 @@ COFIRE, COFIRE_FREQUENT, MAX_COST, MIN_ROWS = 0.5, 0.25, 0.1, 4
 # top-k only where its direction is most of the residual (1 pulled it into many rows at once and raised the
 # easy shape's FVU at 2M tokens from 0.0815 to 0.0909; docs/BENCHMARKS.md, session 13)
 RESEED_ENCODER = 0.2
-# merge passes run in the run's first MERGE_UNTIL: they give each feature its own direction while the
-# dictionary takes shape; the rest of the run trains the re-seeded latents and lets copies tilt apart
-# again where that lowers the error. Measured at 2M tokens, seeds 0-2 (docs/BENCHMARKS.md, session 13):
-# against passes to the end, held-out FVU 0.0768-0.0778 instead of 0.0799-0.0817 on the easy shape and
-# lower on the small and hard ones, for 1.3-3.3 points of recovery on those two; no twins either way.
+# merge passes take copies (co-firing pairs at merge_cos) in the run's first MERGE_UNTIL only, twins to
+# the end: the copies' merges give each feature its own direction while the dictionary takes shape; the
+# rest of the run trains the re-seeded latents and lets copies tilt apart again where that lowers the
+# error, while twins are still merged. Measured at 2M tokens, seeds 0-2 (docs/BENCHMARKS.md, session 13):
+# against copy merges to the end, held-out FVU 0.0768-0.0778 instead of 0.0799-0.0817 on the easy shape
+# and lower on the small and hard ones, for 1.3-3.3 points of recovery on those two.
 MERGE_UNTIL = 0.5
 
 
@@ -172,32 +173,29 @@ def _steps_between_passes(cfg: TrainerConfig) -> int:
     return max(1, cfg.merge_every_tokens // cfg.batch_size)
 
 
-def _last_pass_end(total_steps: int) -> int:
-    return int(total_steps * MERGE_UNTIL)
-
-
 def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
     """The step the run's first merge pass follows (cfg resolved), or None if none does: the first step
-    ending on a multiple of merge_every_tokens once the first dead window is over, within the run's first
-    MERGE_UNTIL. Before the window the decoders are still near their initialisation, and every latent
+    ending on a multiple of merge_every_tokens once the first dead window is over. Before the window the decoders are still near their initialisation, and every latent
     still counts as live (none has gone a whole window without firing)."""
     if cfg.merge_cos is None:
         return None
     every = _steps_between_passes(cfg)
     window_end = max(1, -(-cfg.dead_after_tokens // cfg.batch_size))  # steps until the first window is over
     end = -(-window_end // every) * every
-    return end - 1 if end <= _last_pass_end(total_steps) else None
+    return end - 1 if end <= total_steps else None
 
 
 def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     """Whether a merge pass follows step `step` of total_steps (cfg resolved): from first_merge_step on,
-    after every merge_every_tokens tokens, up to the end of the run's first MERGE_UNTIL."""
+    after every merge_every_tokens tokens (see twins_only for what the pass merges)."""
     first = first_merge_step(cfg, total_steps)
-    return (
-        first is not None
-        and first <= step < _last_pass_end(total_steps)
-        and (step + 1) % _steps_between_passes(cfg) == 0
-    )
+    return first is not None and first <= step and (step + 1) % _steps_between_passes(cfg) == 0
+
+
+def twins_only(step: int, total_steps: int) -> bool:
+    """Whether a merge pass after step `step` merges twins only (decoder cosine >= TWIN_COS): past the
+    run's first MERGE_UNTIL."""
+    return step + 1 > int(total_steps * MERGE_UNTIL)
 
 
 @torch.no_grad()
@@ -229,6 +227,7 @@ def merge_(
     resid_BD: Tensor,
     cfg: TrainerConfig,
     seed: int = 0,
+    only_twins: bool = False,
 ) -> int:
     """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
     training step (the trainer keeps it: train_steps' keep_code), `err`, that step's squared
@@ -239,10 +238,15 @@ def merge_(
     scaled to carry the partner's output too; the partner is re-seeded: its decoder on a residual
     direction (reseed_directions, drawn from `seed`), its encoder row that direction at RESEED_ENCODER
     of the live latents' mean encoder norm, b_enc 0, its dead counter reset. All of it in the weights the run
-    exports too (optim.overwrite_rows_). Reads back to the host (it runs between steps); returns the
-    number of pairs merged."""
+    exports too (optim.overwrite_rows_). only_twins: pairs at cosine >= TWIN_COS only (the run's second
+    half, twins_only); a pass that finds no pair returns before counting anything. Reads back to the host
+    (it runs between steps); returns the number of pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
-    i_P, j_P, c_P = near_parallel_pairs(sae.W_dec_FD, alive_F, cfg.merge_cos)
+    i_P, j_P, c_P = near_parallel_pairs(
+        sae.W_dec_FD, alive_F, max(TWIN_COS, cfg.merge_cos) if only_twins else cfg.merge_cos
+    )
+    if i_P.numel() == 0:  # every rank holds the same decoder, so every rank returns here alike
+        return 0
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
     m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts)
     if m.frequent_M.numel() == 0:

@@ -265,8 +265,8 @@ def fit(
         if distributed.rank() == 0:
             print(
                 f"fit: no duplicate-merge pass fits this run: the first dead window ({cfg.dead_after_tokens:,} "
-                f"tokens) is longer than the run's first half ({total_steps * cfg.batch_size:,} tokens in all), "
-                "where merge passes run; lower trainer.dead_after_tokens to merge"
+                f"tokens) is longer than the run ({total_steps * cfg.batch_size:,} tokens); lower "
+                "trainer.dead_after_tokens to merge"
             )
     traffic_before, first_step = distributed.traffic(), None
     with Prefetched(batches, cfg.prefetch_batches, pin=device.type == "cuda") as source:
@@ -281,10 +281,11 @@ def fit(
                 merging = merge and duplicates.merge_step(step, cfg, total_steps)
                 train_steps(states, xs, cfg, step, flat, keep_code=merging)
                 if merging:
+                    only_twins = duplicates.twins_only(step, total_steps)
                     for n, s in states.items():
                         seed = (cfg.seed * 65_537 + n) * 1_000_003 + step
                         s.merges += duplicates.merge_(
-                            s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, s.step_resid, cfg, seed
+                            s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, s.step_resid, cfg, seed, only_twins
                         )
                         s.step_code = s.step_err = s.step_resid = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:

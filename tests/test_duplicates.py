@@ -220,6 +220,32 @@ def test_merge_gives_one_latent_the_pair_and_reseeds_the_other_on_the_residual_i
         assert moments["exp_avg_sq"].any()
 
 
+def test_a_twins_only_pass_leaves_a_co_firing_copy_and_merges_a_twin():
+    sae = TopKSAE(4, 8, 2)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.5).resolved(10)
+    state = new_state(sae, cfg, 10, "cpu")
+    x = torch.randn(256, 4, generator=torch.Generator().manual_seed(1)) @ torch.diag(torch.tensor([3.0, 1, 1, 1]))
+
+    def tilt_latent_1(t):  # latent 1 at cosine 1 / sqrt(1 + t^2) to latent 0, firing on the same rows
+        with torch.no_grad():
+            d0 = sae.W_dec_FD[0] / sae.W_dec_FD[0].norm()
+            u = sae.W_dec_FD[2] - (sae.W_dec_FD[2] @ d0) * d0
+            sae.W_dec_FD[1] = torch.nn.functional.normalize(d0 + t * u / u.norm(), dim=0)
+            sae.W_enc[1], sae.b_enc[1] = sae.W_enc[0], sae.b_enc[0] + 1e-3
+        return duplicates.step_code(sae, x)
+
+    code, err, resid = tilt_latent_1(0.5)  # cosine 0.89: a copy, not a twin
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg, only_twins=True) == 0
+    assert all(torch.equal(p, before[n]) for n, p in sae.named_parameters())
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg) >= 1  # a full pass would
+    code, err, resid = tilt_latent_1(0.1)  # cosine 0.995: a twin
+    pair_before = sae.W_dec_FD[:2].detach().clone()
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg, only_twins=True) >= 1
+    assert float(sae.W_dec_FD[0] @ sae.W_dec_FD[1]) < 0.95 and not torch.equal(sae.W_dec_FD[:2], pair_before)
+
+
 def test_reseed_directions_are_distinct_unit_residual_rows_weighted_by_their_error():
     g = torch.Generator().manual_seed(0)
     resid = torch.randn(100, 6, generator=g)
@@ -286,11 +312,14 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window_and_stop_at_the_middle_of_the_run():
-    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(80)
-    # every third step, from the tenth step's end on (1,000 tokens), the last ending by step 40 of 80
-    assert [s for s in range(80) if duplicates.merge_step(s, cfg, 80)] == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
-    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 80) for s in range(80))
+def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_in_the_second_half():
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
+    # every third step, from the tenth step's end on (1,000 tokens)
+    passes = [s for s in range(40) if duplicates.merge_step(s, cfg, 40)]
+    assert passes == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
+    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
+    # those that end past the run's middle (20 steps of 40) merge twins only
+    assert [s for s in passes if duplicates.twins_only(s, 40)] == [20, 23, 26, 29, 32, 35, 38]
 
 
 @pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500, 3900, 4100])
