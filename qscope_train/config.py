@@ -165,8 +165,8 @@ class TrainerConfig:
     merge_cos: Optional[float] = 0.5
     """Merge pairs of live latents whose decoders are at cosine >= this and that fire on the same rows,
     every merge_every_tokens from the end of the first dead window on (in the run's second half, only
-    pairs at cosine >= 0.95, twins): one latent takes the pair's direction
-    and output, the other is re-seeded on a direction the step reconstructed worst (duplicates.py). Such
+    pairs at cosine >= 0.95, twins): one latent takes the pair's direction and output, the other is
+    re-seeded on a direction the step reconstructed worst (duplicates.py). Such
     copies tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's
     own. Fresh runs only (init_from keeps every source latent as it is); None: never merge."""
     merge_every_tokens: Optional[int] = None

@@ -175,8 +175,9 @@ def _steps_between_passes(cfg: TrainerConfig) -> int:
 
 def first_merge_step(cfg: TrainerConfig, total_steps: int) -> int | None:
     """The step the run's first merge pass follows (cfg resolved), or None if none does: the first step
-    ending on a multiple of merge_every_tokens once the first dead window is over. Before the window the decoders are still near their initialisation, and every latent
-    still counts as live (none has gone a whole window without firing)."""
+    ending on a multiple of merge_every_tokens once the first dead window is over. Before the window the
+    decoders are still near their initialisation, and every latent still counts as live (none has gone a
+    whole window without firing)."""
     if cfg.merge_cos is None:
         return None
     every = _steps_between_passes(cfg)
