@@ -170,8 +170,9 @@ class TrainerConfig:
     copies tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's
     own. Fresh runs only (init_from keeps every source latent as it is); None: never merge."""
     merge_every_tokens: Optional[int] = None
-    """Tokens between merge passes (each a d_sae x d_sae cosine pass and co-firing sums from the code of
-    the step it follows); None: 1/32 of the run's tokens."""
+    """Tokens between merge passes (each a d_sae x d_sae cosine product, only the rows that can hold a
+    twin in the second half, and co-firing sums from the code of the step it follows); None: 1/32 of
+    the run's tokens."""
     checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""
     keep_checkpoints: int = operational(2)

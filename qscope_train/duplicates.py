@@ -7,6 +7,7 @@ latents end with one direction (a twin, scorecard.py)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -14,11 +15,12 @@ from torch import Tensor
 
 from . import distributed
 from .config import TrainerConfig
+from .near_parallel import ParallelSearch, near_parallel_pairs
 from .optim import overwrite_rows_
 from .sae import SparseCode, TopKSAE
 from .scorecard import TWIN_COS
 
-ROW_PAIRS = 1 << 20  # (row, pair of its selected latents) entries looked up at once
+ENTRIES = 1 << 22  # entries of the latents' lists of fired rows that firing_counts looks at once
 # What makes a pair of live latents at decoder cosine >= merge_cos a copy worth merging (session 10's rules,
 # kept as constants: none was worth a setting): the rarer latent shares COFIRE of its rows with the other,
 # which shares COFIRE_FREQUENT of its own (a dense filler of spare top-k slots is no copy), and the merge
@@ -44,66 +46,59 @@ class Merges(NamedTuple):
     scale_M: Tensor  # the factor on its encoder row and bias, so that it also carries the partner's output
 
 
-@torch.no_grad()
-def near_parallel_pairs(
-    W_dec_FD: Tensor, alive_F: Tensor, cos: float, partners: int = 4, chunk: int = 2048
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Pairs (i_P, j_P), i < j, of latents in alive_F (d_sae,) bool whose decoder rows (W_dec_FD, d_sae x
-    d_model) are at cosine >= cos, at most `partners` per latent i (its most parallel ones, so that the
-    pairs stay O(d_sae) however clustered the directions are), ordered by decreasing cosine, and their
-    cosines c_P. The d_sae x d_sae cosines are formed `chunk` rows at a time."""
-    alive = alive_F.nonzero().squeeze(1)
-    unit_AD = torch.nn.functional.normalize(W_dec_FD[alive].float(), dim=1)
-    none = alive[:0]
-    i_parts, j_parts, c_parts = [none], [none], [unit_AD.new_empty(0)]
-    for start in range(0, unit_AD.shape[0], chunk):
-        cos_CA = unit_AD[start : start + chunk] @ unit_AD.T
-        rows = torch.arange(start, start + cos_CA.shape[0], device=cos_CA.device)
-        cos_CA.masked_fill_(rows[:, None] >= torch.arange(unit_AD.shape[0], device=cos_CA.device), -2.0)
-        top_CT, col_CT = cos_CA.topk(min(partners, cos_CA.shape[1]), dim=1)
-        r, t = (top_CT >= cos).nonzero(as_tuple=True)
-        i_parts.append(r + start)
-        j_parts.append(col_CT[r, t])
-        c_parts.append(top_CT[r, t])
-    i_P, j_P, c_P = torch.cat(i_parts), torch.cat(j_parts), torch.cat(c_parts)
-    order = c_P.argsort(descending=True, stable=True)
-    return alive[i_P[order]], alive[j_P[order]], c_P[order]
+def _ranges(start_Q: Tensor, n_Q: Tensor) -> tuple[Tensor, Tensor]:
+    """The flat positions start_Q[q] + 0 .. n_Q[q] - 1 for every q, in order, and the q each belongs to."""
+    q_N = torch.repeat_interleave(torch.arange(n_Q.numel(), device=n_Q.device), n_Q)
+    first_Q = n_Q.cumsum(0) - n_Q
+    return start_Q[q_N] + torch.arange(q_N.numel(), device=n_Q.device) - first_Q[q_N], q_N
 
 
 @torch.no_grad()
-def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, rows: int | None = None) -> Tensor:
-    """Per latent: rows fired on, positive activation sum and sum of squares; per pair: rows both fired on
-    and the sum of their activations' products. One (d_sae * 3 + 2P,) fp32 vector [fired_F, act_F, sq_F,
-    both_P, cross_P], so that data parallel adds it over ranks in one all-reduce. The pair sums come from
-    each row's own pairs of selected latents (k(k-1)/2 of them) looked up among the P pairs, `rows` rows
-    at a time (None: about ROW_PAIRS lookups at once); no rows x d_sae tensor is built."""
+def firing_counts(code: SparseCode, i_P: Tensor, j_P: Tensor, d_sae: int, entries: int | None = None) -> Tensor:
+    """Per latent: rows fired on, positive activation sum and sum of squares; per pair (i_P[p] != j_P[p]):
+    rows both fired on and the sum of their activations' products. One (d_sae * 3 + 2P,) fp32 vector
+    [fired_F, act_F, sq_F, both_P, cross_P], so that data parallel adds it over ranks in one all-reduce.
+    The pair sums intersect the two latents' lists of fired rows (the code regrouped by latent, rows
+    ascending): each entry of j's list is looked up among i's, so a pair costs the rows its two latents
+    fired on, not k^2 per row; `entries` (None: ENTRIES) bounds the list entries looked at once."""
     vals_BK, idx_BK = code
     device = idx_BK.device
-    fired_F = code.fire_counts(d_sae).float()
+    rows, k = idx_BK.shape
+    fired_F = code.fire_counts(d_sae)
     # a plain top-k can pick negative values where fewer than k are positive: they count as firing (as in
     # the trainer's dead counters) but weigh nothing in the merged direction
     pos_BK = vals_BK.float().clamp_min(0)
     act_F = torch.zeros(d_sae, device=device).index_add_(0, idx_BK.reshape(-1), pos_BK.reshape(-1))
     sq_F = torch.zeros(d_sae, device=device).index_add_(0, idx_BK.reshape(-1), pos_BK.square().reshape(-1))
-    both_P = torch.zeros(i_P.shape[0], device=device)
+    n_pairs = i_P.shape[0]
+    both_P = torch.zeros(n_pairs, device=device)
     cross_P = torch.zeros_like(both_P)
-    k = idx_BK.shape[1]
-    if i_P.numel() and k > 1:
-        # each pair as the key lo * d_sae + hi, sorted once for the lookups (int32 while the keys fit)
-        key_dtype = torch.int32 if d_sae * d_sae < 2**31 else torch.int64
-        key_S, pair_S = (torch.minimum(i_P, j_P) * d_sae + torch.maximum(i_P, j_P)).to(key_dtype).sort()
-        a_T, b_T = torch.triu_indices(k, k, 1, device=device)  # a row's pairs of top-k slots
-        rows = rows or max(1, ROW_PAIRS // a_T.numel())
-        keyed_BK = idx_BK.to(key_dtype)
-        for start in range(0, idx_BK.shape[0], rows):
-            idx, vals, pos = (t[start : start + rows] for t in (keyed_BK, vals_BK, pos_BK))
-            key_RT = torch.minimum(idx[:, a_T], idx[:, b_T]) * d_sae + torch.maximum(idx[:, a_T], idx[:, b_T])
-            at_RT = torch.searchsorted(key_S, key_RT).clamp_max_(key_S.numel() - 1)
-            r_H, t_H = (key_S[at_RT] == key_RT).nonzero(as_tuple=True)
-            p_H, a_H, b_H = pair_S[at_RT[r_H, t_H]], a_T[t_H], b_T[t_H]
-            both_P.index_add_(0, p_H, ((vals[r_H, a_H] != 0) & (vals[r_H, b_H] != 0)).float())
-            cross_P.index_add_(0, p_H, pos[r_H, a_H] * pos[r_H, b_H])
-    return torch.cat([fired_F, act_F, sq_F, both_P, cross_P])
+    if n_pairs:
+        # the code by latent: each latent's fired rows, ascending, from start_F on
+        fired_N = (vals_BK != 0).reshape(-1)
+        by_latent = idx_BK.reshape(-1)[fired_N].argsort(stable=True)
+        row_N = torch.arange(rows * k, device=device).div(k, rounding_mode="floor")[fired_N][by_latent]
+        pos_N = pos_BK.reshape(-1)[fired_N][by_latent]
+        start_F = fired_F.cumsum(0) - fired_F
+        n_i, n_j = fired_F[i_P], fired_F[j_P]
+        # pairs in runs of about `entries` list entries (at least one pair each)
+        entries = entries or ENTRIES
+        total_P = (n_i + n_j).cumsum(0)
+        marks = torch.arange(1, int(total_P[-1]) // entries + 1, device=device) * entries
+        bounds = sorted({0, n_pairs, *torch.searchsorted(total_P, marks, right=True).tolist()})
+        for p0, p1 in itertools.pairwise(bounds):
+            at_i, q_i = _ranges(start_F[i_P[p0:p1]], n_i[p0:p1])
+            at_j, q_j = _ranges(start_F[j_P[p0:p1]], n_j[p0:p1])
+            if not at_i.numel():
+                continue
+            key_i = q_i * rows + row_N[at_i]  # ascending: pairs in order, each list's rows ascending
+            key_j = q_j * rows + row_N[at_j]
+            at = torch.searchsorted(key_i, key_j).clamp_max_(key_i.numel() - 1)
+            hit = (key_i[at] == key_j).nonzero().squeeze(1)
+            q_H = q_j[hit] + p0
+            both_P.index_add_(0, q_H, torch.ones(q_H.shape, device=device))
+            cross_P.index_add_(0, q_H, pos_N[at_i[at[hit]]] * pos_N[at_j[hit]])
+    return torch.cat([fired_F.float(), act_F, sq_F, both_P, cross_P])
 
 
 def merge_cost(
@@ -229,6 +224,7 @@ def merge_(
     cfg: TrainerConfig,
     seed: int = 0,
     only_twins: bool = False,
+    search: ParallelSearch | None = None,
 ) -> int:
     """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
     training step (the trainer keeps it: train_steps' keep_code), `err`, that step's squared
@@ -240,12 +236,12 @@ def merge_(
     direction (reseed_directions, drawn from `seed`), its encoder row that direction at RESEED_ENCODER
     of the live latents' mean encoder norm, b_enc 0, its dead counter reset. All of it in the weights the run
     exports too (optim.overwrite_rows_). only_twins: pairs at cosine >= TWIN_COS only (the run's second
-    half, twins_only); a pass that finds no pair returns before counting anything. Reads back to the host
+    half, twins_only); a pass that finds no pair returns before counting anything. `search`: the run's
+    ParallelSearch for this SAE (None: a full near_parallel_pairs). Reads back to the host
     (it runs between steps); returns the number of pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
-    i_P, j_P, c_P = near_parallel_pairs(
-        sae.W_dec_FD, alive_F, max(TWIN_COS, cfg.merge_cos) if only_twins else cfg.merge_cos
-    )
+    find = near_parallel_pairs if search is None else search
+    i_P, j_P, c_P = find(sae.W_dec_FD, alive_F, max(TWIN_COS, cfg.merge_cos) if only_twins else cfg.merge_cos)
     if i_P.numel() == 0:  # every rank holds the same decoder, so every rank returns here alike
         return 0
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -47,6 +47,8 @@ class LayerState:
     step_code: Optional[SparseCode] = None
     step_err: Optional[Tensor] = None
     step_resid: Optional[Tensor] = None
+    # what one merge pass's search keeps for the next (near_parallel.ParallelSearch)
+    search: duplicates.ParallelSearch = field(default_factory=duplicates.ParallelSearch)
 
 
 class NonFiniteLossError(QScopeError, FloatingPointError):
@@ -284,8 +286,9 @@ def fit(
                     only_twins = duplicates.twins_only(step, total_steps)
                     for n, s in states.items():
                         seed = (cfg.seed * 65_537 + n) * 1_000_003 + step
+                        kept = (s.step_code, s.step_err, s.step_resid)
                         s.merges += duplicates.merge_(
-                            s.sae, s.opt, s.since_fired_F, s.step_code, s.step_err, s.step_resid, cfg, seed, only_twins
+                            s.sae, s.opt, s.since_fired_F, *kept, cfg, seed, only_twins, s.search
                         )
                         s.step_code = s.step_err = s.step_resid = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:

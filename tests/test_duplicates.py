@@ -45,8 +45,8 @@ def test_firing_counts_count_rows_activations_and_rows_shared():
     idx = torch.tensor([[0, 1], [0, 2], [1, 2], [0, 1]])
     # row 1's latent 2 did not fire; row 2's latent 1 fired negative (a plain top-k can): counted, weightless
     vals = torch.tensor([[1.0, 2.0], [3.0, 0.0], [-1.0, 1.0], [0.5, 0.5]])
-    for rows in (1, 3, 1024):  # the dense codes are built a few rows at a time
-        counts = duplicates.firing_counts(SparseCode(vals, idx), torch.tensor([0, 1]), torch.tensor([1, 2]), 3, rows)
+    for entries in (1, 3, 1024):  # the pairs are taken a few fired-row entries at a time
+        counts = duplicates.firing_counts(SparseCode(vals, idx), torch.tensor([0, 1]), torch.tensor([1, 2]), 3, entries)
         fired, act, sq, both, cross = counts.split([3, 3, 3, 2, 2])
         assert fired.tolist() == [3, 3, 1]
         assert act.tolist() == [4.5, 2.5, 1.0]
@@ -55,7 +55,7 @@ def test_firing_counts_count_rows_activations_and_rows_shared():
         assert cross.tolist() == [2.25, 0.0]  # 1 * 2 + 0.5 * 0.5; the negative value weighs nothing
 
 
-@pytest.mark.parametrize("d_sae", [300, 50_000])  # pair keys in int32, and in int64 past 46,340 latents
+@pytest.mark.parametrize("d_sae", [300, 50_000])
 def test_firing_counts_equal_a_dense_count_for_pairs_in_either_order(d_sae):
     g = torch.Generator().manual_seed(d_sae)
     vals, idx = torch.randn(97, d_sae, generator=g).topk(7, dim=1)
@@ -68,8 +68,8 @@ def test_firing_counts_equal_a_dense_count_for_pairs_in_either_order(d_sae):
     i, j = i[first], j[first]
     fired_BF = torch.zeros(97, d_sae).scatter_(1, idx, (vals != 0).float())
     act_BF = torch.zeros(97, d_sae).scatter_(1, idx, vals.clamp_min(0))
-    for rows in (None, 5):
-        counts = duplicates.firing_counts(SparseCode(vals, idx), i, j, d_sae, rows)
+    for entries in (None, 5, 1):
+        counts = duplicates.firing_counts(SparseCode(vals, idx), i, j, d_sae, entries)
         both, cross = counts[3 * d_sae :].split([i.numel()] * 2)
         torch.testing.assert_close(both, (fired_BF[:, i] * fired_BF[:, j]).sum(0))
         torch.testing.assert_close(cross, (act_BF[:, i] * act_BF[:, j]).sum(0))
