@@ -320,13 +320,20 @@ def run_ours(d, seed: int, tokens: int, eval_every: int, overrides: list[str]) -
             pass_seconds.append(time.perf_counter() - start)
 
     duplicates.merge_ = timed_merge_
+    first_fvu = []  # the first logged training FVU (step 0's)
+
+    def log(step: int, metrics: dict) -> None:
+        if not first_fvu:
+            first_fvu.append(metrics[0]["fvu"])
+
     try:
-        summary = fit({0: sae}, Unseekable(batches()), t, steps, "cpu", lambda *_: None, NullBar, probe=probe)
+        summary = fit({0: sae}, Unseekable(batches()), t, steps, "cpu", log, NullBar, probe=probe)
     finally:
         duplicates.merge_ = merge_
     merged = summary[0]["duplicates_merged"]
     passes = {"merge_passes": len(pass_seconds), "merge_seconds": round(sum(pass_seconds), 2)}
     row = {"trainer": "qscope-train", "overrides": overrides, "curve": curve, "merged": merged, **passes}
+    row["first_train_fvu"] = round(first_fvu[0], 4)
     return row | _summary(curve), sae
 
 
@@ -464,8 +471,8 @@ def _tokens(text: str) -> int:
 def table(rows: list[dict]) -> str:
     out = [
         "| shape | tokens | trainer | recovered | parents | children | mean best cos | columns ≥ 0.7 | held-out FVU | dead "
-        "| twins | ΔCE | s to 90 % | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| twins | first train FVU | ΔCE | s to 90 % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def pct(v):
@@ -476,10 +483,11 @@ def table(rows: list[dict]) -> str:
         cos = "-" if r["mean_best_cos"] is None else f"{r['mean_best_cos']:.3f}"
         near = "-" if r["columns_near"] is None else f"{r['columns_near']:.2f}"
         dce = f"{r['delta_ce']:.4f}" if "delta_ce" in r else "-"
+        first = f"{r['first_train_fvu']:.3f}" if "first_train_fvu" in r else "-"
         to90 = r["seconds_to_90"] if r["seconds_to_90"] is not None else "-"
         out.append(
             f"| {r['shape']} | {r['tokens'] / 2**20:g}M | {name} | {pct(r['recovered'])} | {pct(r['recovered_parents'])} | "
-            f"{pct(r['recovered_children'])} | {cos} | {near} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {r['twin_frac']:.1%} | {dce} | {to90} | {r['seconds']:.0f} |"
+            f"{pct(r['recovered_children'])} | {cos} | {near} | {r['heldout_fvu']:.4f} | {r['dead_frac']:.1%} | {r['twin_frac']:.1%} | {first} | {dce} | {to90} | {r['seconds']:.0f} |"
         )
     return "\n".join(out)
 
