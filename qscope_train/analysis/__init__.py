@@ -2,7 +2,8 @@
 Each tool takes an Analyzer (a model and SAEs for some of its layers) and never touches the trainer."""
 
 from .analyze import analyze
+from .compare import compare
 from .model import Analyzer
 from .steer import steer
 
-__all__ = ["Analyzer", "analyze", "steer"]
+__all__ = ["Analyzer", "analyze", "compare", "steer"]
