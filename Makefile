@@ -26,7 +26,7 @@ DEMO_PROMPTS = 'browse.prompts=["the cat sat on the mat . 12 + 7 = 19","def add(
 # the demo trains SAEs on the tiny base model, then adapts them to its chat-tuned variant
 demo: fixtures
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo \
-		'stages=[cache,fit,evaluate,export,browse]' $(DEMO_PROMPTS)
+		'stages=[cache,fit,evaluate,export,browse,compare]' $(DEMO_PROMPTS)
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt \
 		'stages=[cache,fit,evaluate,export,adapt,browse]' $(DEMO_PROMPTS)
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 from .data.config import ActivationSource, DataConfig, OnCorrupt, ReaderConfig, SequenceMode, TextFormat, Verify
 from .errors import ConfigError
-from .output_config import BrowseConfig, EvalConfig, ExportConfig, WandbConfig, WandbMode
+from .output_config import BrowseConfig, CompareConfig, EvalConfig, ExportConfig, WandbConfig, WandbMode
 from .schema import MISSING, DType, fingerprint, fingerprint_diff, operational, to_plain
 
 __all__ = [
@@ -52,6 +52,7 @@ class Stage(Enum):
     export = "export"
     adapt = "adapt"  # before/after report and feature drift against init_from (adaptation runs)
     browse = "browse"  # per-feature pages: top contexts, logit lens, histograms, as a static site
+    compare = "compare"  # features firing more on one set of texts than on another (compare.a / compare.b)
 
 
 class Activation(Enum):
@@ -266,7 +267,7 @@ class RunConfig:
     """Directory for every stage's outputs (cache/, fit/, eval/, export/, log.jsonl)."""
     stages: list[Stage] = field(default_factory=lambda: [Stage.cache, Stage.fit, Stage.evaluate, Stage.export])
     """Stages to run, e.g. [cache,fit,evaluate,export] or [fit,export]; always run in the order
-    cache, fit, evaluate, export, adapt, browse."""
+    cache, fit, evaluate, export, adapt, browse, compare."""
     layers: list[int] = MISSING
     """Decoder layer indices n whose output (residual stream after block n) gets an SAE."""
     init_from: Optional[str] = None
@@ -284,6 +285,7 @@ class RunConfig:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     browse: BrowseConfig = field(default_factory=BrowseConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
@@ -294,6 +296,8 @@ class RunConfig:
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers has duplicates: {list(self.layers)}")
         if not self.stages:
-            raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt, browse")
+            raise ConfigError("stages must name at least one of cache, fit, evaluate, export, adapt, browse, compare")
+        if Stage.compare in self.stages and self.compare.b is None:
+            raise ConfigError("stages has compare: set compare.b (a data preset, e.g. `+data@compare.b=tiny_chat`)")
         if Stage.adapt in self.stages and self.init_from is None:
             raise ConfigError("stages has adapt, which compares against the source SAEs: set init_from")

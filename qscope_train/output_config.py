@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+from .data.config import DataConfig
 from .errors import ConfigError
 
 
@@ -106,3 +107,36 @@ class WandbConfig:
     """wandb project name."""
     entity: Optional[str] = None
     """wandb entity (user or team); None for the default."""
+
+
+@dataclass
+class CompareConfig:
+    """The compare stage: which features fire in more texts of one set than of the other (analysis/compare.py)."""
+
+    a: Optional[DataConfig] = None
+    """Side A's texts: a data preset or files (as `data`); None: this run's data. In an experiment:
+    `- /data@compare.a: <preset>` in its defaults."""
+    b: Optional[DataConfig] = None
+    """Side B's texts, as `a`; required when the stage runs."""
+    texts: int = 200
+    """Documents read from each side (its first ones, in the dataset's order), each cut to its context_len."""
+    saes: Optional[str] = None
+    """SAEs to compare with instead of this run's export: anything evaluate.saes takes."""
+    alpha: float = 0.05
+    """Benjamini-Hochberg false-discovery rate at which a feature's difference counts as significant."""
+    top: int = 20
+    """Features listed per side and layer."""
+    classifier_features: int = 8
+    """Features the classifier may select (those significantly more frequent in A on its training half)."""
+
+    def __post_init__(self) -> None:
+        if self.texts < 4:
+            raise ConfigError(
+                f"compare.texts must be at least 4 (two to train and two to test the classifier), got {self.texts}"
+            )
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"compare.alpha must be in (0, 1), got {self.alpha}")
+        if self.top < 1 or self.classifier_features < 1:
+            raise ConfigError(
+                f"compare.top and compare.classifier_features must be positive, got {self.top}, {self.classifier_features}"
+            )

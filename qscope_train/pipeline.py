@@ -1,4 +1,4 @@
-"""The recipe: the configured stages in order, cache -> fit -> evaluate -> export -> adapt -> browse, each reading and
+"""The recipe: the configured stages in order, cache -> fit -> evaluate -> export -> adapt -> browse -> compare, each reading and
 writing the run directory (its layout is in rundir.py; each stage is a module of stages/)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .config import RunConfig, Stage, to_plain
 from .rundir import RunDirs
-from .stages import adapt, browse, cache, evaluate, export, fit
+from .stages import adapt, browse, cache, compare, evaluate, export, fit
 from .tracking import Tracker
 
 
@@ -37,6 +37,8 @@ def run(cfg: RunConfig, accelerator) -> dict:
                 adapt.run(cfg, dirs, accelerator, tracker)
             if Stage.browse in cfg.stages:
                 browse.run(cfg, dirs, accelerator, tracker)
+            if Stage.compare in cfg.stages:
+                compare.run(cfg, dirs, accelerator, tracker)
         accelerator.wait_for_everyone()
     finally:
         tracker.close()

@@ -167,7 +167,7 @@ def test_the_feature_classifier_scores_its_held_out_texts_as_a_brute_force_count
     from qscope_train.analysis.compare import compare, firing
 
     an1, with_honey, without = honey
-    out = compare(an1, with_honey, without, classifier_features=3, seed=5)["layers"][0]["classifier"]
+    out = compare(an1, with_honey, without, classifier_features=3, seed=5)["layers"][0]["classifier"]["a"]
     assert 0 in out["features"] and len(out["features"]) <= 3
     # brute force: the same split, every held-out text's flag counted one by one
     import random

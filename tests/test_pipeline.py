@@ -307,3 +307,21 @@ def test_push_to_hub_dry_run_lists_exactly_the_exports_files(demo, tmp_path, cap
         run(compose([*base, "export.push_to_hub=me/my-saes"]), Accelerator(cpu=True))
     with pytest.raises(InputError, match=r"names width 32K and k 16, but these SAEs have d_sae 1024.*W1K-L0_16"):
         run(compose([*base, "export.push_to_hub=me/SAE-Res-Tiny-Qwen3-W32K-L0_16"]), Accelerator(cpu=True))
+
+
+def test_the_compare_stage_writes_its_report_and_finds_the_corpus_and_the_chats_apart(demo, capsys):
+    cfg, run_dir, _ = demo
+    run(
+        compose(["experiment=demo", f"run_dir={run_dir}", "stages=[compare]", "compare.texts=40", *SMALL]),
+        Accelerator(cpu=True),
+    )
+    result = json.loads((run_dir / "compare" / "compare.json").read_text())
+    assert result["texts"] == [40, 40] and result["max_tokens"] == 64 and set(result["layers"]) == {"1", "2"}
+    for layer in result["layers"].values():
+        assert layer["significant"] > 0 and layer["more_in_a"] and layer["more_in_b"]
+        assert max(c["f1"] for c in layer["classifier"].values()) > 0.85  # documents and chats differ
+    report = (run_dir / "compare" / "report.md").read_text()
+    assert "## Layer 1" in report and (run_dir / "compare" / "rates_layer2.png").stat().st_size > 0
+    assert "compare layer 1: more in A:" in capsys.readouterr().out
+    with pytest.raises(Exception, match="set compare.b"):
+        compose(["experiment=demo", f"run_dir={run_dir}", "stages=[compare]", "compare.b=null"])

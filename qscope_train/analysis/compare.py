@@ -21,14 +21,16 @@ FEATURE_CHUNK = 4096  # features whose hypergeometric tables are formed at once
 
 
 @torch.no_grad()
-def firing(an: Analyzer, texts: Sequence[str], layers: Sequence[int]) -> dict[int, tuple[Tensor, Tensor, int]]:
+def firing(
+    an: Analyzer, texts: Sequence[str], layers: Sequence[int], max_tokens: Optional[int] = None
+) -> dict[int, tuple[Tensor, Tensor, int]]:
     """Per layer: (fired_NF bool, texts x d_sae: fired anywhere in the text; token counts_F: tokens fired on;
-    tokens in all), position 0 of each text left out."""
+    tokens in all), each text cut to its first max_tokens tokens, position 0 left out."""
     fired = {n: [] for n in layers}
     counts = {n: torch.zeros(an.saes[n].d_sae, dtype=torch.long) for n in layers}
     tokens = 0
     for text in texts:
-        enc = an.encode(text)
+        enc = an.encode(text, max_tokens)
         tokens += enc.ids_T.numel() - 1
         for n in layers:
             vals_TK, idx_TK = (t[1:].cpu() for t in enc.codes[n])
@@ -128,14 +130,41 @@ def footprint(fired_a: Tensor, fired_b: Tensor) -> dict:
     }
 
 
+CANDIDATES = 256  # features the classifier's greedy selection looks at (the largest differences)
+
+
+def _select(pos_NF: Tensor, neg_MF: Tensor, candidates: list[int], n_features: int) -> list[int]:
+    """Greedy forward selection of the OR rule: add the candidate that raises the training F1 most, while
+    it rises, up to n_features features."""
+    chosen: list[int] = []
+    flag_pos = torch.zeros(pos_NF.shape[0], dtype=torch.bool)
+    flag_neg = torch.zeros(neg_MF.shape[0], dtype=torch.bool)
+    best = 0.0
+    cands = torch.tensor(candidates, dtype=torch.long)
+    while cands.numel() and len(chosen) < n_features:
+        tp = (flag_pos[:, None] | pos_NF[:, cands]).sum(0).double()
+        fp = (flag_neg[:, None] | neg_MF[:, cands]).sum(0).double()
+        f1 = 2 * tp / (2 * tp + fp + (pos_NF.shape[0] - tp)).clamp_min(1)
+        i = int(f1.argmax())
+        if float(f1[i]) <= best:
+            break
+        best, f = float(f1[i]), int(cands[i])
+        chosen.append(f)
+        flag_pos |= pos_NF[:, f]
+        flag_neg |= neg_MF[:, f]
+        cands = torch.cat([cands[:i], cands[i + 1 :]])
+    return chosen
+
+
 def classifier(
     fired_a: Tensor, fired_b: Tensor, train_a: Tensor, train_b: Tensor, alpha: float, n_features: int
 ) -> dict:
-    """Select up to n_features features that fire more in A than in B on the training texts (significant at
-    alpha there, strongest difference first); flag a held-out text as A when any of them fires. Precision,
-    recall and F1 with A as the positive class."""
-    d = _differences(fired_a[train_a], fired_b[train_b], alpha, n_features)
-    chosen = [r["feature"] for r in d["more_in_a"]]
+    """A text classifier for A: among the features significantly more frequent in A on the training texts
+    (alpha, the CANDIDATES largest differences), a greedy selection of up to n_features whose OR (a text is
+    flagged when any of them fires) has the best training F1; scored on the held-out texts (precision,
+    recall and F1, A the positive class)."""
+    d = _differences(fired_a[train_a], fired_b[train_b], alpha, CANDIDATES)
+    chosen = _select(fired_a[train_a], fired_b[train_b], [r["feature"] for r in d["more_in_a"]], n_features)
     test_a, test_b = fired_a[~train_a], fired_b[~train_b]
     flag_a = test_a[:, chosen].any(1) if chosen else torch.zeros(test_a.shape[0], dtype=torch.bool)
     flag_b = test_b[:, chosen].any(1) if chosen else torch.zeros(test_b.shape[0], dtype=torch.bool)
@@ -148,8 +177,8 @@ def classifier(
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "held_out_a": int(test_a.shape[0]),
-        "held_out_b": int(test_b.shape[0]),
+        "held_out_positive": int(test_a.shape[0]),
+        "held_out_negative": int(test_b.shape[0]),
     }
 
 
@@ -161,32 +190,23 @@ def _split(n: int, share: float, g: random.Random) -> Tensor:
     return train
 
 
-def compare(
-    an: Analyzer,
-    a: Sequence[str],
-    b: Sequence[str],
-    layers: Optional[Sequence[int]] = None,
+def summarize(
+    fa: dict,
+    fb: dict,
     alpha: float = 0.05,
     top: int = 20,
     train_share: float = 0.5,
     classifier_features: int = 8,
     seed: int = 0,
-) -> dict:
-    """Per layer: the features that fire in more texts of A than of B and the reverse (Fisher's exact test
-    per feature, Benjamini-Hochberg q < alpha over the features that fired; `top` of each, by the
-    difference of the shares of texts), the footprints, and a feature classifier trained on train_share of
-    each set and scored on the rest. JSON-ready (the per-feature tensors are left out)."""
-    if len(a) < 2 or len(b) < 2:
-        raise InputError(f"compare needs at least two texts on each side, got {len(a)} and {len(b)}")
-    if not 0 < alpha < 1 or not 0 < train_share < 1:
-        raise InputError(f"alpha and train_share must be in (0, 1), got {alpha} and {train_share}")
-    layers = an.layers if layers is None else [int(n) for n in layers]
-    for n in layers:
-        an.sae(n)
-    fa, fb = firing(an, a, layers), firing(an, b, layers)
+) -> tuple[dict, dict[int, dict[str, Tensor]]]:
+    """compare's result from two sides' `firing`, and per layer the per-feature arrays (rate_a, rate_b, q)."""
+    layers = list(fa)
+    n_a, n_b = fa[layers[0]][0].shape[0], fb[layers[0]][0].shape[0]
     g = random.Random(seed)
-    train_a, train_b = _split(len(a), train_share, g), _split(len(b), train_share, g)
-    result = {"texts": [len(a), len(b)], "tokens": [fa[layers[0]][2], fb[layers[0]][2]], "alpha": alpha, "layers": {}}
+    train_a, train_b = _split(n_a, train_share, g), _split(n_b, train_share, g)
+    tokens = [fa[layers[0]][2], fb[layers[0]][2]]
+    result = {"texts": [n_a, n_b], "tokens": tokens, "alpha": alpha, "layers": {}}
+    arrays = {}
     for n in layers:
         (fired_a, tok_a, n_tok_a), (fired_b, tok_b, n_tok_b) = fa[n], fb[n]
         d = _differences(fired_a, fired_b, alpha, top)
@@ -200,6 +220,38 @@ def compare(
             "significant": d["significant"],
             "tested": d["tested"],
             "footprint": footprint(fired_a, fired_b),
-            "classifier": classifier(fired_a, fired_b, train_a, train_b, alpha, classifier_features),
+            "classifier": {  # one per side: the features more frequent there, flagging that side's texts
+                "a": classifier(fired_a, fired_b, train_a, train_b, alpha, classifier_features),
+                "b": classifier(fired_b, fired_a, train_b, train_a, alpha, classifier_features),
+            },
         }
-    return result
+        arrays[n] = {"rate_a": fired_a.float().mean(0), "rate_b": fired_b.float().mean(0), "q": d["q_F"]}
+    return result, arrays
+
+
+def compare(
+    an: Analyzer,
+    a: Sequence[str],
+    b: Sequence[str],
+    layers: Optional[Sequence[int]] = None,
+    alpha: float = 0.05,
+    top: int = 20,
+    train_share: float = 0.5,
+    classifier_features: int = 8,
+    seed: int = 0,
+    max_tokens: Optional[int] = None,
+) -> dict:
+    """Per layer: the features that fire in more texts of A than of B and the reverse (Fisher's exact test
+    per feature, Benjamini-Hochberg q < alpha over the features that fired; `top` of each, by the
+    difference of the shares of texts), the footprints, and per side a feature classifier that flags that
+    side's texts, trained on train_share of each set and scored on the rest. Each text is cut to max_tokens tokens (a longer text fires more
+    features: give both sides the same cut). JSON-ready."""
+    if len(a) < 2 or len(b) < 2:
+        raise InputError(f"compare needs at least two texts on each side, got {len(a)} and {len(b)}")
+    if not 0 < alpha < 1 or not 0 < train_share < 1:
+        raise InputError(f"alpha and train_share must be in (0, 1), got {alpha} and {train_share}")
+    layers = an.layers if layers is None else [int(n) for n in layers]
+    for n in layers:
+        an.sae(n)
+    fa, fb = firing(an, a, layers, max_tokens), firing(an, b, layers, max_tokens)
+    return summarize(fa, fb, alpha, top, train_share, classifier_features, seed)[0]

@@ -94,19 +94,21 @@ class Analyzer:
         if not 0 <= feature < d_sae:
             raise InputError(f"feature {feature} is out of range: layer {layer}'s SAE has {d_sae} (0..{d_sae - 1})")
 
-    def tokenize(self, text: str) -> Tensor:
+    def tokenize(self, text: str, max_tokens: Optional[int] = None) -> Tensor:
+        """The text's token ids (no special tokens added), its first max_tokens if given."""
         if not isinstance(text, str) or not text.strip():
             raise InputError("the text is empty: give at least one word")
         ids = self.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
     def token_strings(self, ids_T: Tensor) -> list[str]:
         return [self.lm.tokenizer.decode([i]) for i in ids_T.tolist()]
 
     @torch.no_grad()
-    def encode(self, text: str) -> Encoded:
-        """One forward over the text, cut after the deepest SAE layer: residuals and codes of every layer."""
-        ids_T = self.tokenize(text)
+    def encode(self, text: str, max_tokens: Optional[int] = None) -> Encoded:
+        """One forward over the text (its first max_tokens tokens), cut after the deepest SAE layer:
+        residuals and codes of every layer."""
+        ids_T = self.tokenize(text, max_tokens)
         out = run_captured(self.lm, self.layers, ids_T[None].to(self.device))
         resid = {n: out[n][0].float() for n in self.layers}
         return Encoded(ids_T, resid, {n: self.saes[n].encode_sparse(resid[n]) for n in self.layers})
