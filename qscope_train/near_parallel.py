@@ -21,7 +21,6 @@ SNAPSHOT_SLACK = 2.0**-8
 MOVE_QUANTILES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-@torch.no_grad()
 def search_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA and on CPUs whose oneDNN multiplies bf16 natively; fp32 elsewhere."""
     if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):

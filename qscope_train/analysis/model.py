@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .. import convert
 from ..config import DType, ModelConfig
 from ..errors import InputError
 from ..lm import LoadedLM, load_lm, run_captured
@@ -26,9 +27,11 @@ class Encoded(NamedTuple):
 
 
 def sae_layers(source: str | Path) -> list[int]:
-    """The layers a source holds SAEs for: layer<n>.sae.pt files of a directory, layers.<n> hookpoints of a
-    sparsify run, or the files of a hub repo."""
+    """The layers a source holds SAEs for: the layer<n>.sae.pt files of a directory or hub repo, or a
+    sparsify run's hookpoints (convert.sparsify_layers)."""
     path = Path(source).expanduser()
+    if path.is_dir() and convert.is_sparsify_dir(path):
+        return sorted(convert.sparsify_layers(path))
     if path.is_file():
         names = [path.name]
     elif path.is_dir():
@@ -39,19 +42,10 @@ def sae_layers(source: str | Path) -> list[int]:
         names = list_repo_files(str(source))
     else:
         raise InputError(f"SAE source {str(source)!r} is neither a file, a directory nor a hub repo id")
-    layers = sorted(_layer_numbers(names))
+    layers = sorted({int(m.group(1)) for name in names if (m := re.fullmatch(r"layer(\d+)\.sae\.pt", name))})
     if not layers:
-        raise InputError(f"SAE source {str(source)!r} holds no layer<n>.sae.pt files (nor a sparsify run's layers.<n>)")
+        raise InputError(f"SAE source {str(source)!r} holds no layer<n>.sae.pt files (nor is it a sparsify run)")
     return layers
-
-
-def _layer_numbers(names: Sequence[str]) -> set[int]:
-    found = set()
-    for name in names:
-        m = re.fullmatch(r"layer(\d+)\.sae\.pt|layers\.(\d+)", name)
-        if m:
-            found.add(int(m.group(1) or m.group(2)))
-    return found
 
 
 class Analyzer:
