@@ -18,9 +18,7 @@ def analyze(an: Analyzer, text: str, top: int = 5, layers: Optional[Sequence[int
     (the rows of a heatmap). JSON-ready: {"tokens", "ids", "layers": {layer: {"per_token", "features"}}}."""
     if top < 1:
         raise InputError(f"top must be at least 1, got {top}")
-    layers = an.layers if layers is None else [int(n) for n in layers]
-    for n in layers:
-        an.sae(n)
+    layers = an.pick_layers(layers)
     enc = an.encode(text)
     T = enc.ids_T.numel()
     result: dict = {"tokens": an.token_strings(enc.ids_T), "ids": enc.ids_T.tolist(), "layers": {}}

@@ -250,8 +250,6 @@ def compare(
         raise InputError(f"compare needs at least two texts on each side, got {len(a)} and {len(b)}")
     if not 0 < alpha < 1 or not 0 < train_share < 1:
         raise InputError(f"alpha and train_share must be in (0, 1), got {alpha} and {train_share}")
-    layers = an.layers if layers is None else [int(n) for n in layers]
-    for n in layers:
-        an.sae(n)
+    layers = an.pick_layers(layers)
     fa, fb = firing(an, a, layers, max_tokens), firing(an, b, layers, max_tokens)
     return summarize(fa, fb, alpha, top, train_share, classifier_features, seed)[0]

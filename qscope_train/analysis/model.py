@@ -83,6 +83,13 @@ class Analyzer:
             raise InputError(f"no SAE for layer {layer}: this analyzer has layers {self.layers}")
         return self.saes[layer]
 
+    def pick_layers(self, layers: Optional[Sequence[int]]) -> list[int]:
+        """The layers asked for (None: all), each checked to have an SAE."""
+        picked = self.layers if layers is None else [int(n) for n in layers]
+        for n in picked:
+            self.sae(n)
+        return picked
+
     def check_feature(self, layer: int, feature: int) -> None:
         d_sae = self.sae(layer).d_sae
         if not 0 <= feature < d_sae:
