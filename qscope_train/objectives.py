@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .config import Activation, Objective, TrainerConfig
 from .losses import auxk, dead_topk, fvu
-from .sae import ForwardOutput, LatentMajor, SparseCode, TopKSAE
+from .sae import ForwardOutput, SparseCode, TopKSAE
+from .sparse import LatentMajor
 
 
 class StepLoss(NamedTuple):
@@ -63,7 +64,7 @@ def multi_topk(
     sae: TopKSAE, x_BD: Tensor, k: int, factor: int, coef: float, var: Optional[Tensor] = None, gemm_dtype=None
 ) -> StepLoss:
     """FVU(top-k) + coef * FVU(top-(factor*k)); one encoder pass, one sparse backward through both."""
-    pre_BF = sae.dense_pre(x_BD, gemm_dtype)
+    pre_BF = sae.dense_pre(x_BD, gemm_dtype, min(factor * k, sae.d_sae))
     with torch.no_grad():
         idx_BM = sae.select(pre_BF, min(factor * k, sae.d_sae)).idx_BK
     wide = sae.reconstruct(x_BD, pre_BF, idx_BM)

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from qscope_train import duplicates
+from qscope_train import duplicates, screen
 from qscope_train.allocator import keep_freed_memory_on_cpu
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
@@ -50,11 +50,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--no-screen", action="store_true", help="form every fp32 pre-activation in fp32 (no bf16 screen, screen.py)"
+    )
+    p.add_argument(
         "--default-malloc", action="store_true", help="leave glibc's allocator as it is (fit changes it on CPUs)"
     )
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
+    if a.no_screen:
+        screen.applies = lambda *args: False
     if not a.default_malloc:
         keep_freed_memory_on_cpu()  # what trainer.fit does on a CPU
     torch.manual_seed(a.seed)
@@ -149,6 +154,7 @@ def main() -> None:
                     "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                     "steps": a.steps,
                     "warmup": a.warmup,
+                    "screen": screen.applies(device, a.d_model, a.d_sae, a.k),
                     "torch": torch.__version__,
                 },
             }

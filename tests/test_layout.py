@@ -118,8 +118,8 @@ def test_only_the_cli_imports_hydra_or_omegaconf():
 def test_importing_the_package_does_no_work():
     """No op probe, allocator change or model/dataset access at import: the first use does it."""
     code = (
-        "import qscope_train.pipeline, qscope_train.cli, qscope_train.sae as s\n"
-        "assert s.per_sample_backward.cache_info().currsize == 0\n"
+        "import qscope_train.pipeline, qscope_train.cli, qscope_train.sparse as s, qscope_train.screen as sc\n"
+        "assert s.per_sample_backward.cache_info().currsize == 0 and sc._native_bf16.cache_info().currsize == 0\n"
         "import sys; assert 'transformers' not in sys.modules and 'datasets' not in sys.modules, sorted(sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -2,10 +2,11 @@ import pytest
 import torch
 from conftest import card_get_feature_acts, random_release
 
-from qscope_train import sae as sae_module
+from qscope_train import sparse as sparse_module
 from qscope_train.config import Activation
 from qscope_train.losses import fvu
-from qscope_train.sae import LatentMajor, TopKSAE, sampled_dots
+from qscope_train.sae import TopKSAE
+from qscope_train.sparse import LatentMajor, sampled_dots
 
 
 @pytest.mark.parametrize("activation", [Activation.topk, Activation.relu_topk])
@@ -115,6 +116,6 @@ def test_latent_major_pieces_match_their_dense_forms():
     S = torch.zeros(F, B).index_put_((idx.reshape(-1), torch.arange(B).repeat_interleave(M)), w.reshape(-1))
     torch.testing.assert_close(pairs.weighted_rows(w, y), S @ y)
     want = (W[idx] * y[:, None, :]).sum(-1)
-    assert sae_module.per_sample_backward() is not None  # the pinned torch has the fast op: it is what runs
+    assert sparse_module.per_sample_backward() is not None  # the pinned torch has the fast op: it is what runs
     torch.testing.assert_close(pairs.dots(y, W), want)
     torch.testing.assert_close(sampled_dots(idx, y, W, F), want)
