@@ -66,7 +66,7 @@ def test_the_trainer_reaches_the_screen_and_its_gradients_are_the_fp32_ones(monk
     for on in (False, True):
         calls = []
 
-        def spy(*args, **kwargs):
+        def spy(*args, calls=calls, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 from conftest import ListSource
 
-from qscope_train import losses
-from qscope_train import screen
+from qscope_train import losses, screen
 from qscope_train import sparse as sparse_module
 from qscope_train.config import Activation, DecoderInit, OptimizerName, TrainerConfig
 from qscope_train.data.batches import Unseekable
