@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 FIXTURES ?= fixtures
 
-.PHONY: install fixtures demo test test-interop lint format clean
+.PHONY: install fixtures demo app test test-interop lint format clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: fixtures
 		'stages=[cache,fit,evaluate,export,browse,compare]' $(DEMO_PROMPTS)
 	QSCOPE_FIXTURES=$(abspath $(FIXTURES)) $(VENV)/bin/qscope-train experiment=demo_adapt \
 		'stages=[cache,fit,evaluate,export,adapt,browse]' $(DEMO_PROMPTS)
+
+# the analyze / compare / steer app on the demo's exports (make demo first); PORT=0 picks a free port
+PORT ?= 7860
+app: $(STAMP)
+	$(VENV)/bin/qscope-train-app saes=outputs/demo/export browse=outputs/demo/browse port=$(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
