@@ -86,9 +86,15 @@ class BrowseConfig:
     """model_id in the Neuronpedia export; None: the model name's last part, lowercased (qwen3-1.7b-base)."""
     neuronpedia_sae_set: Optional[str] = None
     """sae_set in the Neuronpedia export; None: qscope-res-<width in thousands>k."""
+    delphi: bool = False
+    """Also write every held-out activation in EleutherAI delphi's latent cache (browse/delphi/latents/), for
+    delphi to explain and score the features without the model; held in memory until written, about 14 bytes
+    per activation (tokens x k per layer)."""
+    delphi_splits: int = 5
+    """delphi: files per layer, each a contiguous range of the latents (delphi's n_splits)."""
 
     def __post_init__(self) -> None:
-        for name in ("top_n", "bands", "per_band", "logit_tokens", "neighbours", "prompt_features"):
+        for name in ("top_n", "bands", "per_band", "logit_tokens", "neighbours", "prompt_features", "delphi_splits"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"browse.{name} must be positive, got {getattr(self, name)}")
         if self.window < 0 or self.tokens < 0:

@@ -34,6 +34,8 @@ SETTINGS = [
     "browse.tokens=16384",
     "browse.top_n=8",
     "browse.window=4",
+    "browse.delphi=true",
+    "browse.delphi_splits=3",
     'browse.prompts=["the cat sat on the mat . 12 + 7 = 19"]',
 ]
 
@@ -257,3 +259,41 @@ def test_twin_notes_and_the_twin_filter_render_in_chromium(twinned):
     hidden = _dom((site / "index.html").as_uri() + "#layer=1&twins=hide")
     assert f"{len(marks) - len(twins)} features match" in hidden
     assert not {str(a), str(b)} & set(re.findall(r'<tr data-id="(\d+)"', hidden))
+
+
+def test_the_delphi_cache_holds_every_code_of_the_held_out_tokens_where_delphi_reads_it(browsed):
+    """Every split reread as delphi's loader reads it (delphi.read_split) against the codes of a brute-force
+    pass over the same held-out chunks: the same tokens, (sequence, position, latent) and values (fp16)."""
+    from qscope_train.delphi import read_split, split_bounds
+
+    cfg, run_dir = browsed
+    lm = load_lm(cfg.model, "cpu")
+    sae = load_sae(run_dir / "fit" / "layer2.sae.pt")
+    ids, want = [], {}
+    for chunk, _ in _held_out(lm, cfg, "cpu"):
+        seq0, T = sum(x.shape[0] for x in ids), chunk.input_ids.shape[1]
+        ids.append(chunk.input_ids)
+        idx, val = codes(sae, chunk.rows[2])
+        for p, row_i, row_v in zip(chunk.positions[2].tolist(), idx.tolist(), val.tolist(), strict=True):
+            for f, v in zip(row_i, row_v, strict=True):
+                if abs(v) > 1e-5:
+                    want[(seq0 + p // T, p % T, f)] = v
+    tokens = torch.cat(ids)
+    where = run_dir / "browse" / "delphi" / "latents" / "layers.2"
+    names = sorted(p.name for p in where.glob("*.safetensors"))
+    assert names == sorted(f"{a}_{b}.safetensors" for a, b in split_bounds(sae.d_sae, 3))
+    assert json.loads((where / "config.json").read_text())["model_name"] == cfg.model.name_or_path
+    got = {}
+    for name in names:
+        loc, act, tok = read_split(where / name)
+        assert torch.equal(tok, tokens.long())
+        a, b = (int(x) for x in name.removesuffix(".safetensors").split("_"))
+        assert a <= int(loc[:, 2].min()) and int(loc[:, 2].max()) <= b
+        flat = loc[:, 2] * 2**40 + loc[:, 0] * 2**20 + loc[:, 1]  # (latent, sequence, position) ascending
+        assert bool((flat[1:] > flat[:-1]).all())
+        got.update({tuple(r): float(v) for r, v in zip(loc.tolist(), act.float().tolist(), strict=True)})
+    assert got.keys() == want.keys() and len(got) > 1000
+    keys = list(want)
+    torch.testing.assert_close(
+        torch.tensor([got[k] for k in keys]), torch.tensor([want[k] for k in keys]), rtol=2e-3, atol=1e-4
+    )

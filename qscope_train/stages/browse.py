@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -13,6 +14,7 @@ from .. import site
 from ..allocator import release_freed_memory_on_cpu
 from ..config import BrowseConfig, RunConfig
 from ..data.activations import live_chunks
+from ..delphi import LatentCache, hookpoint
 from ..features import FirstPass, Ranges, logit_lens, neighbours, window_activations
 from ..lm import LoadedLM, load_lm
 from ..load import check_d_model, load_sae, load_saes
@@ -102,17 +104,23 @@ def _fill(win: Windows, sel: Tensor, feat: Tensor, tok: Tensor, chunk, offset: i
     win.acts.view(-1, win.acts.shape[-1])[sel] = torch.where(same, acts, torch.zeros_like(acts))
 
 
-def collect(lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, progress) -> dict[int, LayerFeatures]:
+def collect(
+    lm: LoadedLM, saes: dict[int, TopKSAE], cfg: RunConfig, device, progress, latents: Optional[LatentCache] = None
+) -> dict[int, LayerFeatures]:
     """Two passes of the model over the held-out split: top-N, histograms and counts, then the lower-range
-    examples and every example's context window; then the logit lens, neighbours and twins from the weights."""
+    examples and every example's context window; then the logit lens, neighbours and twins from the weights.
+    `latents`, if given, also receives every code of the first pass (delphi's cache)."""
     b = cfg.browse
     first = {n: FirstPass.new(sae.d_sae, b.top_n) for n, sae in saes.items()}
     with progress(desc="browse: pass 1 of 2", unit="chunk") as bar:
         for chunk, offset in _held_out(lm, cfg, device):
+            seq0 = latents.add_tokens(chunk.input_ids) if latents is not None else 0
             for n, sae in saes.items():
                 idx, val = codes(sae, chunk.rows[n])
                 first[n].add(idx, val, offset + chunk.positions[n].long().cpu())
                 first[n].sequences += chunk.input_ids.shape[0]
+                if latents is not None:
+                    latents.add_codes(n, seq0, chunk.input_ids.shape[1], chunk.positions[n], idx, val)
             bar.update(1)
     out = {}
     for n, fp in first.items():
@@ -182,23 +190,41 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict:
     if cfg.init_from is not None:
         sets["source"] = load_saes(cfg.init_from, cfg.layers, cfg.init_from_revision, cfg.sae.activation)
     collected: dict[str, dict[int, LayerFeatures]] = {}
+    latents = LatentCache({n: s.d_sae for n, s in sets["trained"].items()}) if cfg.browse.delphi else None
     for name, saes in sets.items():  # one set on the device at a time
         check_d_model(saes, cfg.init_from if name == "source" else str(dirs.fit), lm.d_model, cfg.model.name_or_path)
         for sae in saes.values():
             sae.to(device).eval()
-        collected[name] = collect(lm, saes, cfg, device, tracker.progress)
+        collected[name] = collect(lm, saes, cfg, device, tracker.progress, latents if name == "trained" else None)
         for sae in saes.values():
             sae.to("cpu")
     prompts = prompt_features(lm, {n: s.to(device) for n, s in sets["trained"].items()}, cfg.browse, device)
     out = dirs.root / "browse"
     summary = site.write(out, collected, sets, prompts, lm.tokenizer, cfg)
     summary["neuronpedia"] = write_neuronpedia(out / "neuronpedia", collected["trained"], sets["trained"], lm, cfg)
+    if latents is not None:
+        written = latents.write(out / "delphi", cfg.browse.delphi_splits, delphi_config(cfg))
+        summary["delphi"] = {hookpoint(n): count for n, count in written.items()}
+        print(f"browse: delphi latent cache, {sum(written.values()):,} activations -> {out / 'delphi' / 'latents'}")
     twins = ", ".join(f"{c} in layer {n}" for n, c in summary["twins"].items())
     print(
         f"browse: {summary['features']} feature pages over {summary['tokens']:,} held-out tokens, "
         f"twin latents (live, decoder cosine >= {TWIN_COS}): {twins} -> {out / 'index.html'}"
     )
     return summary
+
+
+def delphi_config(cfg: RunConfig) -> dict:
+    """config.json of delphi's cache: its CacheConfig keys (the held-out split's source) and model_name."""
+    d = cfg.data
+    return {
+        "dataset_repo": d.dataset,
+        "dataset_split": f"{d.split} (qscope-train's held-out chunks)",
+        "dataset_name": d.config_name or "",
+        "dataset_column": d.text_field,
+        "batch_size": 1,
+        "model_name": cfg.model.name_or_path,
+    }
 
 
 def write_neuronpedia(out, trained: dict[int, LayerFeatures], saes: dict[int, TopKSAE], lm: LoadedLM, cfg: RunConfig):
