@@ -13,6 +13,8 @@ its own subprocess with its own time limit, so that one failure does not hide th
                  free memory: fit tokens/s against the bare step's
   tiny_pipeline  make_tiny_model + qscope-train experiment=demo (cache, fit, evaluate, export) on the
                  device: wall time and held-out FVU per layer
+  tiny_app       qscope-train-app on the demo's export on the device: analyze, compare, steer and a bad
+                 request over HTTP (scripts/app_smoke.py)
   tiny_live_fit  the demo's fit from live activations: training tokens/s (from its log)
   random_qwen3, qwen3_shape_cache, qwen3_shape_live_fit
                  a random Qwen3 of Qwen3-1.7B's shape: the cache stage over all 28 layers (tokens/s,
@@ -214,6 +216,8 @@ def main() -> None:
         fx_env = {"QSCOPE_FIXTURES": str(fixtures)}
         if r.checks["tiny_fixtures"]["ok"]:
             r.run("tiny_pipeline", demo, 300, pipeline_result, env=fx_env)
+            smoke = [py, "scripts/app_smoke.py", "--saes", str(run_dir / "export"), "--device", device]
+            r.run("tiny_app", smoke, 180, env=fx_env)
             live_dir = Path(tmp) / "demo-live"
             live = [py, "-m", "qscope_train.cli", "experiment=demo", f"run_dir={live_dir}", "stages=[fit]"]
             live += ["reader.source=live", f"trainer.max_steps={200 if cuda else 40}", "trainer.log_every=10"]

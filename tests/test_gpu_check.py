@@ -33,6 +33,7 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
         "fit_28_layers",
         "tiny_fixtures",
         "tiny_pipeline",
+        "tiny_app",
         "tiny_live_fit",
         "random_qwen3",
         "qwen3_shape_cache",
@@ -44,4 +45,5 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
     assert set(fvu) == {"1", "2"} and all(v < 0.5 for v in fvu.values())
     assert "===== tiny_pipeline" in (tmp_path / "gpu_check.log").read_text()
     assert checks["tiny_live_fit"]["result"]["tokens_per_s"] > 0
+    assert checks["tiny_app"]["result"]["bad_request"][0] == 400 and checks["tiny_app"]["result"]["steer_s"] > 0
     assert checks["qwen3_shape_live_fit"]["result"]["tokens_per_s"] > 0
