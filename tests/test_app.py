@@ -76,7 +76,7 @@ def test_tools_answer_json_and_bad_requests_get_a_message(served):
     bad = [
         ("/api/analyze", {"text": "   "}, "empty"),
         ("/api/analyze", {"text": "a cat", "layers": [5]}, "no SAE for layer 5"),
-        ("/api/analyze", {"text": "a cat", "top": "many"}, "top must be a int"),
+        ("/api/analyze", {"text": "a cat", "top": "many"}, "top must be an integer"),
         ("/api/steer", {"prompt": "a cat", "layer": 1, "feature": 256}, "feature 256 is out of range"),
         ("/api/steer", {"prompt": "a cat", "layer": 1}, "feature is required"),
         ("/api/steer", {"prompt": "", "layer": 1, "feature": 3}, "empty"),

@@ -33,6 +33,7 @@ from .steer import Edit, Positions, steer
 MAX_TEXT_CHARS = 20_000  # one request's text, per field
 MAX_NEW_TOKENS = 256
 MAX_COMPARE_TEXTS = 2_000  # per side
+KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _get(body: dict, name: str, kind: type, default: Any = None, low: Optional[f
         else:
             value = kind(value)
     except (TypeError, ValueError):
-        raise InputError(f"{name} must be a {kind.__name__}, got {body.get(name)!r}") from None
+        raise InputError(f"{name} must be {KINDS.get(kind, kind.__name__)}, got {body.get(name)!r}") from None
     if kind is str and len(value) > MAX_TEXT_CHARS:
         raise InputError(f"{name} is longer than {MAX_TEXT_CHARS:,} characters")
     if low is not None and value < low or high is not None and value > high:
