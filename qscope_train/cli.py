@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -81,6 +82,11 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 def compose(overrides: Sequence[str] = ()) -> RunConfig:
     """The RunConfig that `qscope-train <overrides>` would run, for tests and notebooks."""
+    return to_run_config(compose_dict(overrides))
+
+
+def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
+    """The composed config before it becomes a RunConfig (no checks run yet)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir, initialize_config_module
 
@@ -90,7 +96,7 @@ def compose(overrides: Sequence[str] = ()) -> RunConfig:
     else:
         where = initialize_config_dir(CONFIG_PATH, version_base="1.3")
     with where:
-        return to_run_config(hydra_compose("config", overrides=migrate_overrides(overrides)))
+        return hydra_compose("config", overrides=migrate_overrides(overrides))
 
 
 def make_accelerator():
@@ -131,9 +137,50 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+_UNSET_SIDE = re.compile(r"^compare\.(a|b)(=|\.)")
+
+
+def unset_compare_side(overrides: Sequence[str]) -> Optional[str]:
+    """A one-line error for overrides that set a key of compare.a / compare.b while the composed config
+    leaves that side unset (OmegaConf cannot merge keys into a None node and fails with a traceback); None
+    when there is nothing to say. Composes the other overrides once, only when such an override exists."""
+    sides = {m[1] for arg in overrides if (m := _UNSET_SIDE.match(arg))}
+    if not sides:
+        return None
+    others = [arg for arg in overrides if not _UNSET_SIDE.match(arg)]
+    try:
+        cfg = compose_dict(others)
+    except Exception:  # noqa: BLE001 - the real run reports the other overrides' own errors
+        return None
+    for side in sorted(sides):
+        if getattr(cfg.compare, side) is None:
+            presets = _data_presets()
+            shown = f" (presets: {', '.join(presets)})" if presets else ""
+            return (
+                f"compare.{side} is unset in this experiment, so its keys cannot be set one by one: choose a data "
+                f"preset first, then override its keys, e.g. +data@compare.{side}=<preset>{shown} "
+                f"compare.{side}.dataset=<files or hub id>"
+            )
+    return None
+
+
+def _data_presets() -> list[str]:
+    from importlib.resources import files
+
+    try:
+        names = [p.name for p in files(CONFIG_MODULE).joinpath("data").iterdir()]
+    except (ModuleNotFoundError, FileNotFoundError):
+        names = [p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "data").iterdir()]
+    return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
+
+
 def main() -> None:
     register_configs()
     sys.argv[1:] = migrate_overrides(sys.argv[1:])
+    problem = unset_compare_side(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _hydra_main()
 
 

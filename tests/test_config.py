@@ -194,3 +194,15 @@ def test_a_source_checkout_finds_its_configs_without_being_installed(tmp_path):
     res = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == [str(tmp_path / "configs"), "[1,", "2]"]
+
+
+def test_keys_of_an_unset_compare_side_get_one_clear_error_and_a_set_side_takes_them(fixtures_dir):
+    from qscope_train.cli import unset_compare_side
+
+    chat = str(fixtures_dir / "chat.jsonl")
+    problem = unset_compare_side(["experiment=demo_adapt", "stages=[compare]", f"compare.b={{dataset:{chat}}}"])
+    assert problem and "+data@compare.b=<preset>" in problem and "tiny_chat" in problem
+    # the demo names a preset for side B: its keys can be overridden, and nothing is said
+    assert unset_compare_side(["experiment=demo", f"compare.b={{dataset:{chat}}}"]) is None
+    assert unset_compare_side(["experiment=demo_adapt"]) is None
+    assert compose(["experiment=demo", f"compare.b.dataset={chat}"]).compare.b.dataset == chat
