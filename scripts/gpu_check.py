@@ -24,7 +24,10 @@ its own subprocess with its own time limit, so that one failure does not hide th
 allowed). The summary is printed as the last line and written to <out>/gpu_check.json, with every
 check's output in <out>/gpu_check.log.
 
-Usage: python scripts/gpu_check.py [--dry-run] [--out DIR] [--fixtures DIR]
+Usage: python scripts/gpu_check.py [--dry-run] [--out DIR] [--fixtures DIR] [--budget SECONDS] [--only A,B]
+
+--budget bounds the whole run (a check is cut to the time left; one with under 20 s left is skipped);
+--only runs the named checks and what they need. The summary so far is rewritten after every check.
 """
 
 from __future__ import annotations
@@ -40,6 +43,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKS = [
+    "cuda_tests", "bench_train", "bench_train_fp32", "bench_sparsify", "fit_28_layers", "tiny_fixtures",
+    "tiny_pipeline", "tiny_app", "tiny_live_fit", "random_qwen3", "qwen3_shape_cache", "qwen3_shape_live_fit",
+]
+# what a check needs run before it: --only adds these
+NEEDS = {
+    "tiny_pipeline": ["tiny_fixtures"],
+    "tiny_app": ["tiny_fixtures", "tiny_pipeline"],
+    "tiny_live_fit": ["tiny_fixtures"],
+    "random_qwen3": ["tiny_fixtures"],
+    "qwen3_shape_cache": ["tiny_fixtures", "random_qwen3"],
+    "qwen3_shape_live_fit": ["tiny_fixtures", "random_qwen3"],
+}
 PEERS_NEEDED = ["hydra", "omegaconf", "zstandard", "datasets", "schedulefree", "transformers", "accelerate"]
 
 
@@ -56,13 +72,42 @@ def last_json(text: str) -> dict:
 
 
 class Runner:
-    def __init__(self, out: Path, env: dict) -> None:
-        self.out, self.env = out, env
+    """Runs the checks one by one. `budget` (seconds, or None) bounds the whole run: each check's time
+    limit is cut to what is left, and a check with under MIN_CHECK_S left is recorded as skipped.
+    `only`, when set, names the checks to run (the others are recorded as skipped). After every check the
+    summary so far is written to <out>/gpu_check.json, so a run killed from outside still leaves it."""
+
+    MIN_CHECK_S = 20
+
+    def __init__(self, out: Path, env: dict, budget: float | None = None, only: set[str] | None = None) -> None:
+        self.out, self.env, self.only = out, env, only
+        self.deadline = None if budget is None else time.perf_counter() + budget
         self.log = open(out / "gpu_check.log", "w")
         self.checks: dict[str, dict] = {}
+        self.header: dict = {}
+
+    def wanted(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    def skip(self, name: str, why: str) -> dict:
+        self.checks[name] = {"ok": False, "skipped": why, "seconds": 0.0}
+        print(f"gpu_check: {name} skipped ({why})", file=sys.stderr, flush=True)
+        self.save()
+        return self.checks[name]
+
+    def save(self) -> None:
+        partial = {**self.header, "partial": True, "checks": self.checks}
+        (self.out / "gpu_check.json").write_text(json.dumps(partial, indent=1) + "\n")
 
     def run(self, name: str, args: list[str], timeout: int, parse=last_json, env: dict | None = None) -> dict:
         """Run one check; record ok, seconds and the parsed result (or the error)."""
+        if not self.wanted(name):
+            return self.skip(name, "not selected by --only")
+        if self.deadline is not None:
+            left = self.deadline - time.perf_counter()
+            if left < self.MIN_CHECK_S:
+                return self.skip(name, f"out of budget ({left:.0f} s left)")
+            timeout = int(min(timeout, left))
         print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         record: dict = {"ok": False}
@@ -92,6 +137,7 @@ class Runner:
         self.log.flush()
         self.checks[name] = record
         print(f"gpu_check: {name} {'ok' if record['ok'] else 'FAILED'} in {record['seconds']} s", file=sys.stderr)
+        self.save()
         return record
 
 
@@ -143,13 +189,21 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "gpu_check_out")))
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--fixtures", type=Path, help="tiny models built already (make_tiny_model.py): skip building them")
+    p.add_argument("--budget", type=float, help="seconds for the whole run: checks left when it is spent are skipped")
+    p.add_argument("--only", help="comma-separated checks to run (the others are skipped); env always runs")
     a = p.parse_args()
+    only = None if a.only is None else {c.strip() for c in a.only.split(",") if c.strip()}
+    if only is not None and (unknown := only - set(CHECKS)):
+        p.error(f"unknown check(s) in --only: {', '.join(sorted(unknown))}; known: {', '.join(CHECKS)}")
+    if only is not None:
+        only |= {need for name in list(only) for need in NEEDS.get(name, [])}
     a.out.mkdir(parents=True, exist_ok=True)
     cuda = not a.dry_run
     device = "cuda" if cuda else "cpu"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    r = Runner(a.out, env)
+    r = Runner(a.out, env, a.budget, only)
+    r.header = {"gpu_check": "dry-run" if a.dry_run else "cuda"}
     py = a.python
     t_start = time.perf_counter()
 
@@ -178,7 +232,9 @@ def main() -> None:
     bf16 = r.run("bench_train", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "bfloat16"], 180)
     r.run("bench_train_fp32", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "float32"], 180)
     peer = os.environ.get("QSCOPE_SPARSIFY_PYTHON", py)
-    if r.checks["env"]["result"]["sparsify_importable"] or peer != py:
+    if not r.wanted("bench_sparsify"):
+        sp = r.skip("bench_sparsify", "not selected by --only")
+    elif r.checks["env"]["result"]["sparsify_importable"] or peer != py:
         sp = r.run("bench_sparsify", [peer, "scripts/bench_peer_sparsify.py", *shape, *timing], 180)
     else:
         sp = {"ok": not cuda, "error": "eai-sparsify is not installed (carry its wheel in .whl/)", "seconds": 0.0}
@@ -280,6 +336,7 @@ def main() -> None:
         ]
     summary = {
         "gpu_check": "dry-run" if a.dry_run else "cuda",
+        "partial": False,
         "device": r.checks["env"]["result"]["device"],
         "ok": all(c["ok"] for c in r.checks.values()),
         "seconds": round(time.perf_counter() - t_start, 1),

@@ -89,8 +89,12 @@ def test_tools_answer_json_and_bad_requests_get_a_message(served):
         assert status in (400, 404) and message in out["error"], (path, out)
     status, out = _post(url + "/api/analyze", b"{not json")
     assert status == 400 and "not JSON" in out["error"]
-    # still serving
+    # still serving; a comparison side may be far longer than one text field
     assert _post(url + "/api/analyze", {"text": CATS[1]})[0] == 200
+    many = "\n".join(f"{CATS[i % 12]} and then the {i}th bird flew over the quiet river" for i in range(300))
+    assert len(many) > app.MAX_TEXT_CHARS
+    status, out = _post(url + "/api/compare", {"a": many, "b": "\n".join(CODE), "max_tokens": 16})
+    assert status == 200 and out["texts"] == [300, 12]
 
 
 def test_the_browse_site_is_served_and_nothing_beside_it(served):

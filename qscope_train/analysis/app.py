@@ -30,7 +30,9 @@ from .compare import compare
 from .model import Analyzer, sae_layers
 from .steer import Edit, Positions, steer
 
-MAX_TEXT_CHARS = 20_000  # one request's text, per field
+MAX_TEXT_CHARS = 20_000  # one request's text, per field (a compare side: MAX_SIDE_CHARS)
+MAX_SIDE_CHARS = 2_000_000
+MAX_BODY_BYTES = 16 * 2**20
 MAX_NEW_TOKENS = 256
 MAX_COMPARE_TEXTS = 2_000  # per side
 KINDS = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
@@ -113,7 +115,9 @@ def load_analyzer(cfg: AppConfig) -> Analyzer:
 # ----- requests ----------------------------------------------------------------------------------------
 
 
-def _get(body: dict, name: str, kind: type, default: Any = None, low: Optional[float] = None, high=None) -> Any:
+def _get(
+    body: dict, name: str, kind: type, default: Any = None, low: Optional[float] = None, high=None, chars=MAX_TEXT_CHARS
+) -> Any:
     """One field of a request, converted to `kind` and range-checked; a missing field is `default`."""
     value = body.get(name, default)
     if value is None or value == "":
@@ -129,8 +133,8 @@ def _get(body: dict, name: str, kind: type, default: Any = None, low: Optional[f
             value = kind(value)
     except (TypeError, ValueError):
         raise InputError(f"{name} must be {KINDS.get(kind, kind.__name__)}, got {body.get(name)!r}") from None
-    if kind is str and len(value) > MAX_TEXT_CHARS:
-        raise InputError(f"{name} is longer than {MAX_TEXT_CHARS:,} characters")
+    if kind is str and len(value) > chars:
+        raise InputError(f"{name} is longer than {chars:,} characters")
     if low is not None and value < low or high is not None and value > high:
         raise InputError(f"{name} must be in {low}..{high}, got {value}")
     return value
@@ -151,7 +155,7 @@ def _layers(an: Analyzer, body: dict) -> Optional[list[int]]:
 
 def _texts(body: dict, name: str) -> list[str]:
     """A side of a comparison: one text per line (empty lines dropped)."""
-    raw = _get(body, name, str, "")
+    raw = _get(body, name, str, "", chars=MAX_SIDE_CHARS)
     texts = [t.strip() for t in raw.splitlines() if t.strip()]
     if len(texts) < 2:
         raise InputError(f"{name}: give at least two texts, one per line (got {len(texts)})")
@@ -255,6 +259,8 @@ def make_server(an: Analyzer, cfg: AppConfig) -> ThreadingHTTPServer:
                 return self._json(404, {"error": f"no tool at {path}; the tools are {', '.join(TOOLS)}"})
             try:
                 length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY_BYTES:
+                    raise InputError(f"the request is {length:,} bytes; the app takes at most {MAX_BODY_BYTES:,}")
                 body = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(body, dict):
                     raise InputError("the request body must be a JSON object")
