@@ -44,8 +44,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = [
-    "cuda_tests", "bench_train", "bench_train_fp32", "bench_sparsify", "fit_28_layers", "tiny_fixtures",
-    "tiny_pipeline", "tiny_app", "tiny_live_fit", "random_qwen3", "qwen3_shape_cache", "qwen3_shape_live_fit",
+    "cuda_tests",
+    "bench_train",
+    "bench_train_fp32",
+    "bench_sparsify",
+    "fit_28_layers",
+    "tiny_fixtures",
+    "tiny_pipeline",
+    "tiny_app",
+    "tiny_live_fit",
+    "random_qwen3",
+    "qwen3_shape_cache",
+    "qwen3_shape_live_fit",
 ]
 # what a check needs run before it: --only adds these
 NEEDS = {
