@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -155,6 +156,7 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = write_cache(root, layers, a.d_model, total * a.batch + SHARD_ROWS, device=device)
         write_s = time.perf_counter() - t0
+        print(f"bench_fit: cache of {len(layers)} layers written in {write_s:.1f} s; groups {groups}", file=sys.stderr)
         resolved = cfg.resolved(total)
         fit_s, step_s = [0.0] * a.rounds, [0.0] * a.rounds
         for group in groups:  # a layer group is a pass of its own: its time per step adds to the others'
@@ -163,6 +165,7 @@ def main() -> None:
             for r in range(a.rounds):
                 fit_s[r] += time_fit(root, manifest, group, cfg, total, a, device)
                 step_s[r] += time_steps(batches, group, resolved, total, a, device)
+                print(f"bench_fit: group {group} round {r}: {time.perf_counter() - t0:.1f} s so far", file=sys.stderr)
             del batches, it
     rows = a.batch
     fit_rate, step_rate = rows / statistics.median(fit_s), rows / statistics.median(step_s)

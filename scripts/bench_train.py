@@ -26,6 +26,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,20 @@ from qscope_train.allocator import keep_freed_memory_on_cpu
 from qscope_train.config import DType, TrainerConfig
 from qscope_train.sae import TopKSAE
 from qscope_train.trainer import new_state, train_step, train_steps
+
+
+def write_profile(path: Path, run, device: torch.device) -> None:
+    """Run `run` under torch.profiler and write its ops, by their own time on the device, to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60) + "\n")
 
 
 def main() -> None:
@@ -55,6 +70,7 @@ def main() -> None:
     p.add_argument(
         "--default-malloc", action="store_true", help="leave glibc's allocator as it is (fit changes it on CPUs)"
     )
+    p.add_argument("--profile", type=Path, help="after timing, profile three steps and write the ops table here")
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -116,6 +132,8 @@ def main() -> None:
             if step >= a.warmup:
                 times.append(t1 - t0)
                 floor.append(time.perf_counter() - t1)
+    if a.profile:
+        write_profile(a.profile, lambda: [step_once(x) for x in batches[-3:]], device)
     metrics = dict(zip(("fvu", "auxk", "l0"), state.last.tolist(), strict=True))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # one more (untimed) step, keeping its code for the pass as a fit does on a step a pass follows

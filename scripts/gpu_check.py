@@ -9,8 +9,8 @@ its own subprocess with its own time limit, so that one failure does not hide th
   bench_train    our training step at 2048/32768/100, batch 4096, bf16 encoder GEMM (the CUDA default)
                  and fp32
   bench_sparsify sparsify's own step at the same shape (its Triton decoder on CUDA)
-  fit_28_layers  scripts/bench_fit.py: 28 layers from a synthetic cache, layer groups planned from
-                 free memory: fit tokens/s against the bare step's
+  profile_train  three bf16 steps of bench_train under torch.profiler: the ops by their own device
+                 time, in <out>/profile_train.txt
   tiny_pipeline  make_tiny_model + qscope-train experiment=demo (cache, fit, evaluate, export) on the
                  device: wall time and held-out FVU per layer
   tiny_app       qscope-train-app on the demo's export on the device: analyze, compare, steer and a bad
@@ -19,6 +19,8 @@ its own subprocess with its own time limit, so that one failure does not hide th
   random_qwen3, qwen3_shape_cache, qwen3_shape_live_fit
                  a random Qwen3 of Qwen3-1.7B's shape: the cache stage over all 28 layers (tokens/s,
                  model loading included), then a live fit of layer 14 (training tokens/s)
+  fit_28_layers  scripts/bench_fit.py: 28 layers from a synthetic cache, layer groups planned from
+                 free memory: fit tokens/s against the bare step's
 
 --dry-run runs the same checks on the CPU at small shapes (the CUDA tests then skip, and that is
 allowed). The summary is printed as the last line and written to <out>/gpu_check.json, with every
@@ -48,7 +50,7 @@ CHECKS = [
     "bench_train",
     "bench_train_fp32",
     "bench_sparsify",
-    "fit_28_layers",
+    "profile_train",
     "tiny_fixtures",
     "tiny_pipeline",
     "tiny_app",
@@ -56,6 +58,7 @@ CHECKS = [
     "random_qwen3",
     "qwen3_shape_cache",
     "qwen3_shape_live_fit",
+    "fit_28_layers",
 ]
 # what a check needs run before it: --only adds these
 NEEDS = {
@@ -138,7 +141,9 @@ class Runner:
                 record["result"] = parse(res.stdout)
                 record["ok"] = True
         except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            out = "".join(
+                (t or b"").decode(errors="replace") if isinstance(t, bytes) else (t or "") for t in (e.stdout, e.stderr)
+            )
             self.log.write(f"===== {name}: timed out after {timeout} s\n{out}\n")
             record["error"] = f"timed out after {timeout} s"
         except Exception as e:  # a parse failure is this check's failure, not the script's
@@ -250,12 +255,13 @@ def main() -> None:
         sp = {"ok": not cuda, "error": "eai-sparsify is not installed (carry its wheel in .whl/)", "seconds": 0.0}
         r.checks["bench_sparsify"] = sp
 
-    if cuda:
-        fit_args = ["--layers", "28", *shape, "--steps", "4", "--warmup", "2", "--rounds", "1", "--threads", "8"]
-    else:
-        fit_args = ["--layers", "4", "--d-model", "128", "--d-sae", "1024", "--k", "16", "--batch", "512"]
-        fit_args += ["--steps", "3", "--warmup", "1", "--rounds", "1"]
-    r.run("fit_28_layers", [py, "scripts/bench_fit.py", *fit_args, "--layer-groups", "auto", "--device", device], 300)
+    profile = a.out / "profile_train.txt"
+    r.run(
+        "profile_train",
+        [py, "scripts/bench_train.py", *shape, "--steps", "3", "--warmup", "3", "--device", device]
+        + ["--dtype", "bfloat16", "--profile", str(profile)],
+        120,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         fixtures, run_dir = a.fixtures or Path(tmp) / "fixtures", Path(tmp) / "demo"
@@ -301,7 +307,7 @@ def main() -> None:
         )
         if made["ok"]:
             n_layers = 28 if cuda else 4
-            tokens, eval_tokens = (131072, 8192) if cuda else (8192, 4096)
+            tokens, eval_tokens = (65536, 8192) if cuda else (8192, 4096)
             common = ["experiment=qwen3_1.7b_base_w32k_k100", f"model.name_or_path={big}"]
             common += [f"data.dataset={fixtures / 'corpus.jsonl'}", "data.context_len=1024"]
             common += [f"data.train_tokens={tokens}", f"data.eval_tokens={eval_tokens}"]
@@ -316,6 +322,13 @@ def main() -> None:
             if not cuda:  # a live fit forwards one shard's tokens (65,536 by default) before its first step
                 live_big += ["data.shard_tokens=4096", "reader.shuffle_buffer_tokens=4096"]
             r.run("qwen3_shape_live_fit", live_big, 240, lambda out: fit_rate(Path(f"{big_dir}-live")))
+
+    if cuda:
+        fit_args = ["--layers", "28", *shape, "--steps", "4", "--warmup", "2", "--rounds", "1", "--threads", "8"]
+    else:
+        fit_args = ["--layers", "4", "--d-model", "128", "--d-sae", "1024", "--k", "16", "--batch", "512"]
+        fit_args += ["--steps", "3", "--warmup", "1", "--rounds", "1"]
+    r.run("fit_28_layers", [py, "scripts/bench_fit.py", *fit_args, "--layer-groups", "auto", "--device", device], 300)
 
     fig = {}
     if bf16["ok"]:

@@ -59,7 +59,10 @@ def test_prefetched_batches_are_pinned_and_arrive_on_the_device_in_their_stored_
     torch.testing.assert_close(on_device[0].cpu(), items[0][0][0])
 
 
-def test_a_fit_from_a_real_cache_on_cuda_learns(tmp_path):
+def test_a_fit_from_a_real_cache_on_cuda_learns_as_on_the_cpu(tmp_path):
+    """The same fit (same cache, seeds and batches) on CUDA and on the CPU: both learn (held FVU well under
+    the mean predictor's 1.0) and end within a few hundredths of each other. Their arithmetic differs
+    (kernels, reduction orders, top-k ties), so they are not equal step by step."""
     import sys
     from pathlib import Path
 
@@ -67,15 +70,23 @@ def test_a_fit_from_a_real_cache_on_cuda_learns(tmp_path):
     from bench_fit import write_cache
 
     manifest = write_cache(tmp_path, [0, 1], 128, 40 * 512)
-    batches = cached_batches(tmp_path, manifest, [0, 1], 512, ReaderConfig(threads=2), seed=0, out_dtype=torch.bfloat16)
-    saes = {n: TopKSAE(128, 2048, 16) for n in (0, 1)}
-    for n, sae in saes.items():
-        sae.init_weights_(generator=torch.Generator().manual_seed(n))
-    logs = []
-    cfg = TrainerConfig(batch_size=512, log_every=4, checkpoint_every=0)
-    summary = fit(saes, batches, cfg, 36, "cuda", lambda s, m: logs.append(m), NullBar)
-    first, last = logs[0], logs[-1]
+    ends = {}
+    for device in ("cuda", "cpu"):
+        batches = cached_batches(
+            tmp_path, manifest, [0, 1], 512, ReaderConfig(threads=2), seed=0, out_dtype=torch.bfloat16
+        )
+        saes = {n: TopKSAE(128, 2048, 16) for n in (0, 1)}
+        for n, sae in saes.items():
+            sae.init_weights_(generator=torch.Generator().manual_seed(n))
+        logs = []
+        cfg = TrainerConfig(batch_size=512, log_every=4, checkpoint_every=0)
+        summary = fit(saes, batches, cfg, 36, device, lambda s, m, logs=logs: logs.append(m), NullBar)
+        for n in (0, 1):
+            assert summary[n]["tokens_trained"] == 36 * 512
+            assert all(torch.isfinite(p).all() for p in saes[n].parameters())
+        ends[device] = logs[-1]
     for n in (0, 1):
-        assert summary[n]["tokens_trained"] == 36 * 512
-        assert last[n]["fvu"] < 0.8 * first[n]["fvu"], (first[n], last[n])
-        assert all(torch.isfinite(p).all() for p in saes[n].parameters())
+        cuda, cpu = ends["cuda"][n], ends["cpu"][n]
+        assert cuda["fvu"] < 0.5 and cpu["fvu"] < 0.5, (cuda, cpu)
+        assert abs(cuda["fvu"] - cpu["fvu"]) < 0.05, (cuda, cpu)
+        assert abs(cuda["dead_frac"] - cpu["dead_frac"]) < 0.1, (cuda, cpu)
