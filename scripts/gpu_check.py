@@ -239,10 +239,10 @@ def main() -> None:
     )
 
     if cuda:
-        shape = ["--d-model", "2048", "--d-sae", "32768", "--k", "100", "--batch", "4096"]
+        shape = sae_shape = ["--d-model", "2048", "--d-sae", "32768", "--k", "100", "--batch", "4096"]
         timing = ["--steps", "20", "--warmup", "5", "--device", "cuda"]
     else:
-        shape = ["--d-model", "256", "--d-sae", "2048", "--k", "32", "--batch", "512"]
+        shape = sae_shape = ["--d-model", "256", "--d-sae", "2048", "--k", "32", "--batch", "512"]
         timing = ["--steps", "4", "--warmup", "1", "--device", "cpu"]
     bf16 = r.run("bench_train", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "bfloat16"], 180)
     r.run("bench_train_fp32", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "float32"], 180)
@@ -324,7 +324,7 @@ def main() -> None:
             r.run("qwen3_shape_live_fit", live_big, 240, lambda out: fit_rate(Path(f"{big_dir}-live")))
 
     if cuda:
-        fit_args = ["--layers", "28", *shape, "--steps", "4", "--warmup", "2", "--rounds", "1", "--threads", "8"]
+        fit_args = ["--layers", "28", *sae_shape, "--steps", "4", "--warmup", "2", "--rounds", "1", "--threads", "8"]
     else:
         fit_args = ["--layers", "4", "--d-model", "128", "--d-sae", "1024", "--k", "16", "--batch", "512"]
         fit_args += ["--steps", "3", "--warmup", "1", "--rounds", "1"]
