@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig, Stage, to_plain
-from .rundir import RunDirs
+from .rundir import RunDirs, check_shared
 from .stages import adapt, browse, cache, compare, evaluate, export, fit
 from .tracking import Tracker
 
@@ -18,6 +18,9 @@ def run(cfg: RunConfig, accelerator) -> dict:
     if Stage.export in cfg.stages:
         export.check_push_target(cfg)
     dirs = RunDirs(Path(cfg.run_dir))
+    hosts = check_shared(dirs.root, accelerator)  # before any stage writes: nodes must share run_dir
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        print(f"run: {accelerator.num_processes} processes on {len(hosts)} node(s), one run_dir: {dirs.root}")
     tracker = Tracker(dirs.root, cfg.wandb, cfg.name, to_plain(cfg), accelerator.is_main_process)
     result: dict = {}
     try:
