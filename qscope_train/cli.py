@@ -122,6 +122,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         run_cfg = to_run_config(cfg)
+        if run_cfg.plan:  # the plan alone: no process group, no model weights
+            from . import plan
+
+            plan.run(run_cfg)
+            return
         accelerator = make_accelerator()
         if accelerator.device.type == "cpu":
             from .allocator import keep_freed_memory_on_cpu

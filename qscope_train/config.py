@@ -258,6 +258,39 @@ class TrainerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """What `plan=true` assumes about the machines it plans for (qscope_train/plan.py)."""
+
+    processes: list[int] = field(default_factory=lambda: [1, 8, 16])
+    """GPU counts to plan for, one process each."""
+    gpus_per_node: int = 8
+    """GPUs in one node: data parallel past it crosses the network."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU."""
+    step_tokens_per_s: float = 291_006.0
+    """One layer's training step, tokens/s, at d_model 2048 x d_sae 32768 (scaled by d_model x d_sae for
+    other shapes). The default was measured on one H200 (bf16, k 100, batch 4096; docs/BENCHMARKS.md
+    session 16); set your GPU's figure (scripts/bench_train.py) where it differs."""
+    forward_tflops: float = 300.0
+    """Assumed useful bf16 throughput of the model's forward per GPU, TFLOP/s (about a third of an
+    H100's dense peak; not measured here)."""
+    node_link_gb_s: float = 150.0
+    """Assumed all-reduce bandwidth inside a node, GB/s per GPU (NVLink class)."""
+    network_gb_s: float = 25.0
+    """Assumed all-reduce bandwidth between nodes, GB/s per GPU (200 Gb/s InfiniBand class)."""
+
+    def __post_init__(self) -> None:
+        if not self.processes or any(int(p) <= 0 for p in self.processes):
+            raise ConfigError(f"planner.processes must list positive GPU counts, got {list(self.processes)}")
+        for name in ("gpus_per_node", "gpu_memory_gib", "step_tokens_per_s", "forward_tflops"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"planner.{name} must be positive, got {getattr(self, name)}")
+        for name in ("node_link_gb_s", "network_gb_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"planner.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
 class RunConfig:
     """One run: which stages, on which layers, with which model, data, SAE and trainer."""
 
@@ -287,6 +320,9 @@ class RunConfig:
     browse: BrowseConfig = field(default_factory=BrowseConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    plan: bool = False
+    """Print the memory and time plan for planner.processes GPUs and exit (no weights are loaded)."""
+    planner: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         if not self.layers:

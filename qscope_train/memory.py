@@ -42,11 +42,21 @@ def layer_bytes(d_model: int, d_sae: int, optimizer: OptimizerName, data_paralle
     return params + state + d_sae * 8 + (params + d_sae * 4 if data_parallel else 0)
 
 
-def step_bytes(d_model: int, d_sae: int, k: int, batch: int, data_parallel: bool) -> int:
-    """One layer's step at a time: the dense pre-activations and AuxK's masked copy (B x d_sae each, fp32),
-    the batch, the sparse code's bookkeeping, and (without data parallel) that layer's gradients."""
+def step_bytes(d_model: int, d_sae: int, k: int, batch: int, data_parallel: bool, bf16_gemm: bool = False) -> int:
+    """One layer's step at its peak, the larger of its two phases (the worst step: AuxK with every latent
+    dead, which masks a full copy of the pre-activations):
+    - forward and AuxK: the dense pre-activations and AuxK's masked copy (B x d_sae fp32 each; a bf16
+      encoder GEMM adds its bf16 product), eight B x d_model fp32 temporaries (batch, centred input,
+      reconstruction, residuals, their squares) and the sparse code's bookkeeping;
+    - backward and update: the layer's gradients (under data parallel they sit in layer_bytes), the
+      pre-activations still held, one weight matrix's optimizer temporary and the same B x d_model ones.
+    Checked against the live peak of real steps on a CPU (tests/test_plan.py)."""
     params = (2 * d_sae * d_model + d_sae + d_model) * 4
-    return 2 * batch * d_sae * 4 + 4 * batch * d_model * 4 + 6 * batch * k * 8 + (0 if data_parallel else params)
+    pre = batch * d_sae * 4
+    rows = 8 * batch * d_model * 4
+    forward = 2 * pre + (pre // 2 if bf16_gemm else 0) + rows + 6 * batch * k * 8
+    backward = (0 if data_parallel else params) + pre + d_sae * d_model * 4 + rows
+    return max(forward, backward)
 
 
 def free_bytes(device: torch.device | str) -> int:
@@ -69,12 +79,15 @@ def plan(
     groups: int | None,
     device: torch.device | str,
     data_parallel: bool = False,
+    bf16_gemm: bool = False,
+    available: int | None = None,
 ) -> MemoryPlan:
     """Split `layers` into contiguous groups: `groups` of them, or (None: auto) as few as fit in HEADROOM
-    of the free memory. Refuses auto when even one layer does not fit."""
+    of the free memory (`available` bytes where given, else the device's free memory now). Refuses auto
+    when even one layer does not fit."""
     per_layer = layer_bytes(d_model, d_sae, optimizer, data_parallel)
-    per_step = step_bytes(d_model, d_sae, k, batch, data_parallel)
-    available = free_bytes(device)
+    per_step = step_bytes(d_model, d_sae, k, batch, data_parallel, bf16_gemm)
+    available = free_bytes(device) if available is None else available
     n = groups
     if n is None:
         room = int(available * HEADROOM) - per_step

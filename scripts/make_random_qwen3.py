@@ -18,20 +18,10 @@ from pathlib import Path
 
 import torch
 
+from qscope_train.plan import QWEN3_1_7B
+
 SHAPES = {
-    "qwen3-1.7b": dict(
-        hidden_size=2048,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        intermediate_size=6144,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-        max_position_embeddings=40960,
-        rope_theta=1_000_000,
-        rms_norm_eps=1e-6,
-    ),
+    "qwen3-1.7b": QWEN3_1_7B,  # the shape plan=true also plans offline with
     "reduced": dict(
         hidden_size=256,
         num_hidden_layers=4,

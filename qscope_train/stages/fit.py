@@ -22,6 +22,7 @@ from ..rundir import RunDirs, cache_manifest
 from ..sae import TopKSAE
 from ..tracking import Tracker
 from ..trainer import Checkpoints, fit
+from ..trainer import gemm_dtype as trainer_gemm_dtype
 
 
 class Source(NamedTuple):
@@ -63,6 +64,7 @@ def run(cfg: RunConfig, dirs: RunDirs, accelerator, tracker: Tracker) -> dict[in
         t.group_count(),
         device,
         data_parallel=world > 1 and not sharded,
+        bf16_gemm=trainer_gemm_dtype(t, torch.device(device)) == torch.bfloat16,
     )
     if accelerator.is_main_process or sharded:
         print(f"fit: {mem.describe(device)}")
