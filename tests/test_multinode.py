@@ -151,3 +151,32 @@ def test_nodes_that_do_not_share_run_dir_get_one_error_and_write_nothing(fixture
     for d in (a, b):
         assert not (d / "cache").exists() and not (d / "fit").exists()
         assert not list(d.glob(".shared-check-*"))
+
+
+def test_the_slurm_script_starts_one_torchrun_per_node_at_a_c10d_rendezvous(tmp_path):
+    """scripts/slurm/train.sbatch with stand-ins for srun, scontrol and torchrun that print what they get."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
+    fake = {
+        "srun": '#!/usr/bin/env bash\necho "srun $1" >&2\nshift\n"$@"\n',
+        "scontrol": "#!/usr/bin/env bash\necho gpu-node-3\necho gpu-node-4\n",
+        "torchrun": "#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n",
+    }
+    for name, text in fake.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-node-[3-4]")
+    env.update(SLURM_NNODES="2", SLURM_JOB_ID="4242")
+    res = subprocess.run(
+        ["bash", str(script), "experiment=qwen3_1.7b_base_w32k_k100", "layers=[3, 14]", "run_dir=/shared/r"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "gpu-node-3:29500", "--rdzv_id", "4242", "-m", "qscope_train.cli",
+        "experiment=qwen3_1.7b_base_w32k_k100", "layers=[3, 14]", "run_dir=/shared/r",
+    ]  # fmt: skip
+    assert "srun --kill-on-bad-exit=1" in res.stderr
