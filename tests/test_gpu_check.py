@@ -28,6 +28,7 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
         "env",
         "cuda_tests",
         "bench_train",
+        "profile_train",
         "bench_train_fp32",
         "bench_sparsify",
         "fit_28_layers",
@@ -41,6 +42,7 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
     }
     assert checks["cuda_tests"]["result"]["skipped"] >= 5  # collected, and skipped without CUDA
     assert summary["figures"]["ours_tokens_per_s_bf16"] > 0 and summary["figures"]["fit_tokens_per_s"] > 0
+    assert "aten::" in (tmp_path / "profile_train.txt").read_text()  # the profiled step's ops table
     fvu = checks["tiny_pipeline"]["result"]["heldout_fvu"]
     assert set(fvu) == {"1", "2"} and all(v < 0.5 for v in fvu.values())
     assert "===== tiny_pipeline" in (tmp_path / "gpu_check.log").read_text()

@@ -158,7 +158,8 @@ def test_the_slurm_script_starts_one_torchrun_per_node_at_a_c10d_rendezvous(tmp_
     script = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "train.sbatch"
     fake = {
         "srun": '#!/usr/bin/env bash\necho "srun $1" >&2\nshift\n"$@"\n',
-        "scontrol": "#!/usr/bin/env bash\necho gpu-node-3\necho gpu-node-4\n",
+        # a long node list: a reader that stops at the first line would kill the writer with SIGPIPE
+        "scontrol": "#!/usr/bin/env bash\nseq -f 'gpu-node-%g' 3 20000\n",
         "torchrun": "#!/usr/bin/env bash\nprintf '%s\\n' \"$@\"\n",
     }
     for name, text in fake.items():
