@@ -8,6 +8,7 @@ its own subprocess with its own time limit, so that one failure does not hide th
                  pinned prefetch, a fit from a real cache); on CUDA none may be skipped
   bench_train    our training step at 2048/32768/100, batch 4096, bf16 encoder GEMM (the CUDA default)
                  and fp32
+  bench_train_auxk  the bf16 step with AuxK on and every latent dead (its worst case)
   bench_sparsify sparsify's own step at the same shape (its Triton decoder on CUDA)
   profile_train  three bf16 steps of bench_train under torch.profiler: the ops by their own device
                  time, in <out>/profile_train.txt
@@ -49,6 +50,7 @@ CHECKS = [
     "cuda_tests",
     "bench_train",
     "bench_train_fp32",
+    "bench_train_auxk",
     "bench_sparsify",
     "profile_train",
     "tiny_fixtures",
@@ -246,6 +248,10 @@ def main() -> None:
         timing = ["--steps", "4", "--warmup", "1", "--device", "cpu"]
     bf16 = r.run("bench_train", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "bfloat16"], 180)
     r.run("bench_train_fp32", [py, "scripts/bench_train.py", *shape, *timing, "--dtype", "float32"], 180)
+    # AuxK's worst step (every latent dead: top-(d_model/2) of a masked copy of the pre-activations), which
+    # a fit pays on every step after its first dead window, on a GPU whatever the number of dead latents
+    auxk = [*shape, *timing, "--dtype", "bfloat16", "--auxk-all-dead"]
+    r.run("bench_train_auxk", [py, "scripts/bench_train.py", *auxk], 180)
     peer = os.environ.get("QSCOPE_SPARSIFY_PYTHON", py)
     if not r.wanted("bench_sparsify"):
         sp = r.skip("bench_sparsify", "not selected by --only")
@@ -336,6 +342,8 @@ def main() -> None:
         fig["ours_fraction_of_floor_bf16"] = bf16["result"]["fraction_of_floor"]
     if r.checks["bench_train_fp32"]["ok"]:
         fig["ours_tokens_per_s_fp32"] = r.checks["bench_train_fp32"]["result"]["tokens_per_s"]
+    if r.checks["bench_train_auxk"]["ok"]:
+        fig["ours_tokens_per_s_bf16_auxk_all_dead"] = r.checks["bench_train_auxk"]["result"]["tokens_per_s"]
     if sp.get("ok") and "result" in sp:
         fig["sparsify_tokens_per_s"] = sp["result"]["tokens_per_s"]
         if bf16["ok"]:

@@ -29,6 +29,7 @@ def test_the_gpu_check_dry_run_passes_on_a_cpu(fixtures_dir, tmp_path):
         "cuda_tests",
         "bench_train",
         "profile_train",
+        "bench_train_auxk",
         "bench_train_fp32",
         "bench_sparsify",
         "fit_28_layers",
