@@ -282,10 +282,14 @@ class PlanConfig:
     def __post_init__(self) -> None:
         if not self.processes or any(int(p) <= 0 for p in self.processes):
             raise ConfigError(f"planner.processes must list positive GPU counts, got {list(self.processes)}")
-        for name in ("gpus_per_node", "gpu_memory_gib", "step_tokens_per_s", "forward_tflops"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"planner.{name} must be positive, got {getattr(self, name)}")
-        for name in ("node_link_gb_s", "network_gb_s"):
+        for name in (
+            "gpus_per_node",
+            "gpu_memory_gib",
+            "step_tokens_per_s",
+            "forward_tflops",
+            "node_link_gb_s",
+            "network_gb_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"planner.{name} must be positive, got {getattr(self, name)}")
 
