@@ -30,6 +30,12 @@ COFIRE, COFIRE_FREQUENT, MAX_COST, MIN_ROWS = 0.5, 0.25, 0.1, 4
 # top-k only where its direction is most of the residual (1 pulled it into many rows at once and raised the
 # easy shape's FVU at 2M tokens from 0.0815 to 0.0909; docs/BENCHMARKS.md, session 13)
 RESEED_ENCODER = 0.2
+# a re-seeded direction, a residual row, moves SHIFT_STEPS times to the mean of the candidate rows at cosine
+# >= SHIFT_COS to it (shift_to_shared), and the latent starts out counted as dead, so that AuxK trains it on
+# the residual from the next step on. Without both, re-seeded latents ended as blurred features: on the hard
+# shape at 2M tokens 31 % of the features at decoder cosine 0.80-0.88 sat on a re-seeded latent, 3 % of
+# those above 0.92 (docs/BENCHMARKS.md, session 17)
+SHIFT_COS, SHIFT_STEPS = 0.5, 3
 # merge passes take copies (co-firing pairs at merge_cos) in the run's first MERGE_UNTIL only, twins to
 # the end: the copies' merges give each feature its own direction while the dictionary takes shape; the
 # rest of the run trains the re-seeded latents and lets copies tilt apart again where that lowers the
@@ -195,11 +201,11 @@ def twins_only(step: int, total_steps: int) -> bool:
 
 
 @torch.no_grad()
-def reseed_directions(resid_BD: Tensor, m: int, seed: int) -> Tensor:
-    """Up to m unit directions for re-seeded latents: rows of a step's residual x - x_hat drawn without
-    replacement with probability proportional to their squared norm, among the global batch's 4m worst
-    rows (each rank's 4m worst gathered, then the 4m worst of those in order of error, so that any number
-    of ranks draws from the same candidates; drawn from `seed` on the CPU, the same on every rank)."""
+def residual_rows(resid_BD: Tensor, m: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(seeds, candidates): up to m unit rows of a step's residual x - x_hat drawn without replacement with
+    probability proportional to their squared norm among the global batch's 4m worst rows (each rank's
+    4m worst gathered, then the 4m worst of those in order of error, so that any number of ranks draws
+    from the same candidates; drawn from `seed` on the CPU, the same on every rank), and those rows."""
     n_cand = 4 * m
     worst = resid_BD.float().pow(2).sum(1).topk(min(n_cand, resid_BD.shape[0])).indices
     gathered_CD = distributed.cat(resid_BD[worst].float())
@@ -207,10 +213,52 @@ def reseed_directions(resid_BD: Tensor, m: int, seed: int) -> Tensor:
     candidates_CD, weights_C = gathered_CD[order], weights_C.cpu().double()
     n = min(m, int((weights_C > 0).sum()))
     if n == 0:
-        return candidates_CD[:0]
+        return candidates_CD[:0], candidates_CD
     g = torch.Generator().manual_seed(seed)
     chosen = torch.multinomial(weights_C, n, replacement=False, generator=g).to(candidates_CD.device)
-    return torch.nn.functional.normalize(candidates_CD[chosen], dim=1)
+    return torch.nn.functional.normalize(candidates_CD[chosen], dim=1), candidates_CD
+
+
+def reseed_directions(resid_BD: Tensor, m: int, seed: int, avoid_AD: Tensor | None = None) -> Tensor:
+    """Up to m unit directions for re-seeded latents: residual_rows' seeds moved to what the candidates
+    near them share (shift_to_shared, away from avoid_AD's directions)."""
+    seeds_MD, candidates_CD = residual_rows(resid_BD, m, seed)
+    return shift_to_shared(seeds_MD, candidates_CD, avoid_AD)
+
+
+@torch.no_grad()
+def shift_to_shared(
+    seeds_MD: Tensor,
+    rows_CD: Tensor,
+    avoid_AD: Tensor | None = None,
+    min_cos: float = SHIFT_COS,
+    steps: int = SHIFT_STEPS,
+) -> Tensor:
+    """Mean shift on the sphere: each unit seed moves, `steps` times, to the direction of the sum of the
+    rows at cosine >= min_cos to it, each weighted by its projection on the seed. One residual row mixes
+    every feature the step missed on it; the rows near it share mostly the strongest of them, so the
+    shifted seed is more one feature than one row's mixture. A seed with no other row near it stays, and
+    so does one whose shifted direction would be a twin (cosine >= TWIN_COS) of an earlier seed's or of
+    a row of avoid_AD (the live latents' unit decoder directions): a re-seeded latent must not start as
+    a copy of another."""
+    unit_CD = torch.nn.functional.normalize(rows_CD, dim=1)
+    shifted_MD = seeds_MD
+    for _ in range(steps):
+        near_CM = unit_CD @ shifted_MD.T >= min_cos
+        weight_CM = torch.where(near_CM, rows_CD @ shifted_MD.T, torch.zeros((), device=rows_CD.device))
+        moved_M = near_CM.sum(0) >= 2  # the seed's own row is always near it
+        mean_MD = torch.nn.functional.normalize(weight_CM.T @ rows_CD, dim=1)
+        shifted_MD = torch.where(moved_M[:, None], mean_MD, shifted_MD)
+    m = seeds_MD.shape[0]
+    twin_M = torch.zeros(m, dtype=torch.bool, device=seeds_MD.device)
+    for start in range(0, m, 1024):  # (1024 x M) and (1024 x A) cosines at a time
+        part_ND = shifted_MD[start : start + 1024]
+        index_N = torch.arange(start, start + part_ND.shape[0], device=part_ND.device)
+        earlier_NM = index_N[:, None] > torch.arange(m, device=part_ND.device)
+        twin_M[index_N] = ((part_ND @ shifted_MD.T >= TWIN_COS) & earlier_NM).any(1)
+        if avoid_AD is not None and avoid_AD.shape[0]:
+            twin_M[index_N] |= (part_ND @ avoid_AD.T.to(part_ND.dtype) >= TWIN_COS).any(1)
+    return torch.where(twin_M[:, None], seeds_MD, shifted_MD)
 
 
 @torch.no_grad()
@@ -234,7 +282,7 @@ def merge_(
     Per merge (pick), the more frequent latent takes the pair's mean direction, its encoder row and bias
     scaled to carry the partner's output too; the partner is re-seeded: its decoder on a residual
     direction (reseed_directions, drawn from `seed`), its encoder row that direction at RESEED_ENCODER
-    of the live latents' mean encoder norm, b_enc 0, its dead counter reset. All of it in the weights the run
+    of the live latents' mean encoder norm, b_enc 0, and counted as dead (AuxK trains it until it fires). All of it in the weights the run
     exports too (optim.overwrite_rows_). only_twins: pairs at cosine >= TWIN_COS only (the run's second
     half, twins_only); a pass that finds no pair returns before counting anything. `search`: the run's
     ParallelSearch for this SAE (None: a full near_parallel_pairs). Reads back to the host
@@ -248,17 +296,20 @@ def merge_(
     m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts)
     if m.frequent_M.numel() == 0:
         return 0
-    seeds_MD = reseed_directions(resid_BD, m.frequent_M.numel(), seed)
+    seeds_MD, candidates_CD = residual_rows(resid_BD, m.frequent_M.numel(), seed)
     n = seeds_MD.shape[0]  # a pair without a residual row to re-seed its partner on is left as it is
     keep_M, rare_M, scale_M1 = m.frequent_M[:n], m.rare_M[:n], m.scale_M[:n, None]
     encoder_norm = sae.W_enc[alive_F].norm(dim=1).mean() * RESEED_ENCODER
     overwrite_rows_(opt, sae.W_dec_FD, keep_M, m.direction_MD[:n])
     overwrite_rows_(opt, sae.W_enc, keep_M, sae.W_enc[keep_M] * scale_M1)
     overwrite_rows_(opt, sae.b_enc, keep_M, sae.b_enc[keep_M] * scale_M1[:, 0])
+    staying_F = alive_F.clone()
+    staying_F[rare_M] = False
+    seeds_MD = shift_to_shared(seeds_MD, candidates_CD, torch.nn.functional.normalize(sae.W_dec_FD[staying_F], dim=1))
     overwrite_rows_(opt, sae.W_dec_FD, rare_M, seeds_MD)
     overwrite_rows_(opt, sae.W_enc, rare_M, seeds_MD * encoder_norm)
     overwrite_rows_(opt, sae.b_enc, rare_M, torch.zeros_like(sae.b_enc[rare_M]))
-    since_fired_F[rare_M] = 0
+    since_fired_F[rare_M] = cfg.dead_after_tokens
     return n
 
 

@@ -203,14 +203,14 @@ def test_merge_gives_one_latent_the_pair_and_reseeds_the_other_on_the_residual_i
     torch.testing.assert_close(sae.W_enc[keep].detach(), s * W_enc_before[keep])
     torch.testing.assert_close(enc_avg[keep], s * W_enc_before[keep])
     torch.testing.assert_close(sae.b_enc[keep].detach(), s * b_enc_before[keep])
-    # the other: a unit residual row of the step, its encoder that direction at RESEED_ENCODER of the live norm
+    # the other: the step's re-seed direction, its encoder that direction at RESEED_ENCODER of the live
+    # norm, counted as dead so that AuxK trains it
     seed_dir = sae.W_dec_FD[rare].detach()
-    residual_dirs = torch.nn.functional.normalize(resid, dim=1)
-    assert float((residual_dirs @ seed_dir).max()) > 1 - 1e-5
+    torch.testing.assert_close(seed_dir, duplicates.reseed_directions(resid, 1, seed=3)[0])
     torch.testing.assert_close(W_avg[rare], seed_dir)
     live_norm = W_enc_before.norm(dim=1).mean()  # every latent was live
     torch.testing.assert_close(enc_avg[rare], seed_dir * live_norm * duplicates.RESEED_ENCODER)
-    assert float(sae.b_enc[rare]) == 0 and int(state.since_fired_F[rare]) == 0
+    assert float(sae.b_enc[rare]) == 0 and int(state.since_fired_F[rare]) == cfg.dead_after_tokens
     # nothing else changed
     torch.testing.assert_close(W_avg[2:], others_before)
     torch.testing.assert_close(enc_avg[2:], enc_avg_before[2:])
@@ -240,21 +240,24 @@ def test_a_twins_only_pass_leaves_a_co_firing_copy_and_merges_a_twin():
     assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg, only_twins=True) == 0
     assert all(torch.equal(p, before[n]) for n, p in sae.named_parameters())
     assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg) >= 1  # a full pass would
+    state.since_fired_F[:2] = 0  # the pair under test is live (the full pass may have re-seeded either)
     code, err, resid = tilt_latent_1(0.1)  # cosine 0.995: a twin
     pair_before = sae.W_dec_FD[:2].detach().clone()
     assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, err, resid, cfg, only_twins=True) >= 1
     assert float(sae.W_dec_FD[0] @ sae.W_dec_FD[1]) < 0.95 and not torch.equal(sae.W_dec_FD[:2], pair_before)
 
 
-def test_reseed_directions_are_distinct_unit_residual_rows_weighted_by_their_error():
+def test_reseed_directions_start_at_the_rows_holding_the_error_and_move_to_what_their_neighbours_share():
     g = torch.Generator().manual_seed(0)
     resid = torch.randn(100, 6, generator=g)
-    resid[:3] *= 100  # three rows hold almost all the squared error
+    resid[:, :3] = 0  # the other rows lie in the last three axes, far from the three rows below
+    # three rows hold almost all the squared error, each nearly along one of the first three axes
+    resid[:3] = torch.nn.functional.normalize(torch.eye(6)[:3] + 0.01 * torch.randn(3, 6, generator=g), dim=1) * 100
     dirs = duplicates.reseed_directions(resid, 3, seed=1)
     unit = torch.nn.functional.normalize(resid, dim=1)
     which = (dirs @ unit.T).argmax(1)
     assert sorted(which.tolist()) == [0, 1, 2]
-    torch.testing.assert_close(dirs, unit[which])
+    torch.testing.assert_close(dirs, unit[which])  # no other candidate near them: they stay
     assert torch.equal(dirs, duplicates.reseed_directions(resid, 3, seed=1))  # the seed decides
     assert duplicates.reseed_directions(torch.zeros(5, 6), 3, seed=1).shape == (0, 6)  # nothing to re-seed on
 
@@ -348,3 +351,23 @@ def test_a_fit_whose_dead_window_leaves_no_merge_pass_says_so(capsys):
         NullBar,
     )
     assert "no duplicate-merge pass" not in capsys.readouterr().out
+
+
+def test_a_reseed_direction_moves_from_one_rows_mixture_to_the_feature_its_neighbours_share():
+    """Rows each hold a shared feature f plus a different other feature; a seed at one row (f mixed with
+    that row's other feature) ends nearer f than it started, and a seed with no neighbour stays."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
+    f, others = basis[0], basis[1:21]
+    rows = f + 0.8 * others  # 20 rows: f plus one other feature each, at cosine 0.78 to f
+    lone = basis[25:26] * 2.0  # a row near nothing else
+    seeds = torch.nn.functional.normalize(torch.cat([rows[:1], lone]), dim=1)
+    shifted = duplicates.shift_to_shared(seeds, torch.cat([rows, lone]))
+    assert float(seeds[0] @ f) < 0.8 and float(shifted[0] @ f) > 0.98
+    torch.testing.assert_close(shifted[1], seeds[1])
+    torch.testing.assert_close(shifted.norm(dim=1), torch.ones(2))
+    # two seeds from rows that share f would both end at it: the second stays at its own row
+    seeds = torch.nn.functional.normalize(rows[:2], dim=1)
+    shifted = duplicates.shift_to_shared(seeds, rows)
+    assert float(shifted[0] @ f) > 0.98
+    torch.testing.assert_close(shifted[1], seeds[1])
