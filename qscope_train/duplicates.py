@@ -219,13 +219,6 @@ def residual_rows(resid_BD: Tensor, m: int, seed: int) -> tuple[Tensor, Tensor]:
     return torch.nn.functional.normalize(candidates_CD[chosen], dim=1), candidates_CD
 
 
-def reseed_directions(resid_BD: Tensor, m: int, seed: int, avoid_AD: Tensor | None = None) -> Tensor:
-    """Up to m unit directions for re-seeded latents: residual_rows' seeds moved to what the candidates
-    near them share (shift_to_shared, away from avoid_AD's directions)."""
-    seeds_MD, candidates_CD = residual_rows(resid_BD, m, seed)
-    return shift_to_shared(seeds_MD, candidates_CD, avoid_AD)
-
-
 @torch.no_grad()
 def shift_to_shared(
     seeds_MD: Tensor,

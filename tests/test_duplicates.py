@@ -206,7 +206,7 @@ def test_merge_gives_one_latent_the_pair_and_reseeds_the_other_on_the_residual_i
     # the other: the step's re-seed direction, its encoder that direction at RESEED_ENCODER of the live
     # norm, counted as dead so that AuxK trains it
     seed_dir = sae.W_dec_FD[rare].detach()
-    torch.testing.assert_close(seed_dir, duplicates.reseed_directions(resid, 1, seed=3)[0])
+    torch.testing.assert_close(seed_dir, _reseed(resid, 1, seed=3)[0])
     torch.testing.assert_close(W_avg[rare], seed_dir)
     live_norm = W_enc_before.norm(dim=1).mean()  # every latent was live
     torch.testing.assert_close(enc_avg[rare], seed_dir * live_norm * duplicates.RESEED_ENCODER)
@@ -247,19 +247,24 @@ def test_a_twins_only_pass_leaves_a_co_firing_copy_and_merges_a_twin():
     assert float(sae.W_dec_FD[0] @ sae.W_dec_FD[1]) < 0.95 and not torch.equal(sae.W_dec_FD[:2], pair_before)
 
 
+def _reseed(resid, m, seed):
+    """The directions merge_ gives m re-seeded latents when no live latent is near them."""
+    return duplicates.shift_to_shared(*duplicates.residual_rows(resid, m, seed))
+
+
 def test_reseed_directions_start_at_the_rows_holding_the_error_and_move_to_what_their_neighbours_share():
     g = torch.Generator().manual_seed(0)
     resid = torch.randn(100, 6, generator=g)
     resid[:, :3] = 0  # the other rows lie in the last three axes, far from the three rows below
     # three rows hold almost all the squared error, each nearly along one of the first three axes
     resid[:3] = torch.nn.functional.normalize(torch.eye(6)[:3] + 0.01 * torch.randn(3, 6, generator=g), dim=1) * 100
-    dirs = duplicates.reseed_directions(resid, 3, seed=1)
+    dirs = _reseed(resid, 3, seed=1)
     unit = torch.nn.functional.normalize(resid, dim=1)
     which = (dirs @ unit.T).argmax(1)
     assert sorted(which.tolist()) == [0, 1, 2]
     torch.testing.assert_close(dirs, unit[which])  # no other candidate near them: they stay
-    assert torch.equal(dirs, duplicates.reseed_directions(resid, 3, seed=1))  # the seed decides
-    assert duplicates.reseed_directions(torch.zeros(5, 6), 3, seed=1).shape == (0, 6)  # nothing to re-seed on
+    assert torch.equal(dirs, _reseed(resid, 3, seed=1))  # the seed decides
+    assert _reseed(torch.zeros(5, 6), 3, seed=1).shape == (0, 6)  # nothing to re-seed on
 
 
 def _copies_fit(merge_cos):
