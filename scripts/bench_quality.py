@@ -365,7 +365,12 @@ def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path
         if step % every == 0 or done in budgets:
 
             def measure():
-                for opt in opts:  # schedule-free evaluates its averaged weights
+                # schedule-free evaluates its averaged weights; eval() and train() move the parameters there and
+                # back by two lerps, which round, so the training weights are restored exactly afterwards: a
+                # probe must not change the run (with the round trip, hard 2M seed 2 ended 1-2 points apart
+                # depending on --eval-every)
+                kept = [p.detach().clone() for p in sae.parameters()]
+                for opt in opts:
                     opt.eval()
                 with torch.no_grad():
                     dec = sae.W_dec.detach().clone()
@@ -379,6 +384,9 @@ def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path
                     s = score(d, dec.T, lambda xb: sae(xb).sae_out, fired, x_held)
                 for opt in opts:
                     opt.train()
+                with torch.no_grad():
+                    for p, k in zip(sae.parameters(), kept, strict=True):
+                        p.copy_(k)
                 return s
 
             s = clock.exclude(measure)
