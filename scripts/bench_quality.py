@@ -367,8 +367,8 @@ def run_sparsify(d, seed: int, budgets: list[int], eval_every: int, export: Path
             def measure():
                 # schedule-free evaluates its averaged weights; eval() and train() move the parameters there and
                 # back by two lerps, which round, so the training weights are restored exactly afterwards: a
-                # probe must not change the run (with the round trip, hard 2M seed 2 ended 1-2 points apart
-                # depending on --eval-every)
+                # probe must not change the run (with the round trip and 256K probes, hard 2M seed 2 recovered
+                # 61.6 % against 63.6 % with none; docs/BENCHMARKS.md, session 18)
                 kept = [p.detach().clone() for p in sae.parameters()]
                 for opt in opts:
                     opt.eval()
