@@ -320,14 +320,14 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_in_the_second_half():
+def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_in_the_last_quarter():
     cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
     # every third step, from the tenth step's end on (1,000 tokens)
     passes = [s for s in range(40) if duplicates.merge_step(s, cfg, 40)]
     assert passes == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
     assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
-    # those that end past the run's middle (20 steps of 40) merge twins only
-    assert [s for s in passes if duplicates.twins_only(s, 40)] == [20, 23, 26, 29, 32, 35, 38]
+    # those that end past the run's first three quarters (30 steps of 40) merge twins only
+    assert [s for s in passes if duplicates.twins_only(s, 40)] == [32, 35, 38]
 
 
 @pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500, 3900, 4100])
