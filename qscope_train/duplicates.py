@@ -43,7 +43,7 @@ SHIFT_COS, SHIFT_STEPS = 0.5, 3
 # at 2M tokens, seeds 0-2 (docs/BENCHMARKS.md, sessions 13 and 19): copy merges to the end raised FVU on
 # the easy shape to 0.0799-0.0817 (session 13); stopping them at 0.5 gave the lowest FVU but left the
 # hard shape's recovery within seed noise of sparsify's (62.1-63.7 %); 0.75 recovers 64.1-65.3 % there
-# and more or as much on the other shapes, for +0.0006 to +0.0017 of FVU (session 19).
+# and -0.8 to +1.7 points on the easy and small shapes, for +0.0006 to +0.0017 of FVU (session 19).
 MERGE_UNTIL = 0.75
 
 
