@@ -278,10 +278,11 @@ def merge_(
     scaled to carry the partner's output too; the partner is re-seeded: its decoder on a residual
     direction (residual_rows, drawn from `seed`, then shift_to_shared), its encoder row that direction
     at RESEED_ENCODER of the live latents' mean encoder norm, b_enc 0, and counted as dead (AuxK trains
-    it until it fires). All of it in the weights the run exports too (optim.overwrite_rows_). only_twins: pairs at cosine >= TWIN_COS only (the run's last
-    quarter, twins_only); a pass that finds no pair returns before counting anything. `search`: the run's
-    ParallelSearch for this SAE (None: a full near_parallel_pairs). Reads back to the host
-    (it runs between steps); returns the number of pairs merged."""
+    it until it fires). All of it in the weights the run exports too (optim.overwrite_rows_).
+    only_twins: pairs at cosine >= TWIN_COS only (the run's last quarter, twins_only); a pass that finds
+    no pair returns before counting anything. `search`: the run's ParallelSearch for this SAE (None: a
+    full near_parallel_pairs). Reads back to the host (it runs between steps); returns the number of
+    pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
     find = near_parallel_pairs if search is None else search
     i_P, j_P, c_P = find(sae.W_dec_FD, alive_F, max(TWIN_COS, cfg.merge_cos) if only_twins else cfg.merge_cos)

@@ -32,9 +32,9 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     assert ddp["summary"][0]["duplicates_merged"] == single["summary"][0]["duplicates_merged"]
     # every step (each one a log step here) called two all-reduces, and nothing else, but for the third
     # after each fourth step: the merge pass's counts, and a gather of the residual rows its re-seeds draw
-    # from when it merged; past three quarters of the run a pass takes twins only and counts only when it finds
-    # one. The fit reports the same count and the bytes (all four parameters' gradients plus counters
-    # and statistics)
+    # from when it merged; past three quarters of the run a pass takes twins only and counts only when it
+    # finds one. The fit reports the same count and the bytes (all four parameters' gradients plus
+    # counters and statistics)
     from qscope_train.duplicates import twins_only
 
     assert len(ddp["per_step"]) == len(single["logs"])
