@@ -165,14 +165,14 @@ class TrainerConfig:
     """Dead latents used by AuxK per token; None means d_model // 2."""
     merge_cos: Optional[float] = 0.5
     """Merge pairs of live latents whose decoders are at cosine >= this and that fire on the same rows,
-    every merge_every_tokens from the end of the first dead window on (in the run's last quarter, only
-    pairs at cosine >= 0.95, twins): one latent takes the pair's direction and output, the other is
-    re-seeded on a direction the step reconstructed worst (duplicates.py). Such
+    every merge_every_tokens from the end of the first dead window on (in the run's last quarter and
+    last four dead windows, only pairs at cosine >= 0.95, twins): one latent takes the pair's direction
+    and output, the other is re-seeded on a direction the step reconstructed worst (duplicates.py). Such
     copies tilt apart, each holding a tilted share of one feature, so that no decoder is the feature's
     own. Fresh runs only (init_from keeps every source latent as it is); None: never merge."""
     merge_every_tokens: Optional[int] = None
     """Tokens between merge passes (each a d_sae x d_sae cosine product, only the rows that can hold a
-    twin in the last quarter, and co-firing sums from the code of the step it follows); None: 1/32 of
+    twin at the run's end, and co-firing sums from the code of the step it follows); None: 1/32 of
     the run's tokens."""
     checkpoint_every: int = operational(1000)
     """Steps between checkpoints under fit/checkpoints (0: none); a rerun resumes from the latest."""

@@ -44,7 +44,11 @@ SHIFT_COS, SHIFT_STEPS = 0.5, 3
 # the easy shape to 0.0799-0.0817 (session 13); stopping them at 0.5 gave the lowest FVU but left the
 # hard shape's recovery within seed noise of sparsify's (62.1-63.7 %); 0.75 recovers 64.1-65.3 % there
 # and -0.8 to +1.7 points on the easy and small shapes, for +0.0006 to +0.0017 of FVU (session 19).
-MERGE_UNTIL = 0.75
+# With the default dead window (1/16 of the run) that leaves four windows after the last copy merge for
+# the re-seeded latents to come alive; a longer window keeps those four: copies also stop SETTLE_WINDOWS
+# dead windows before the end (the demo's window is half its run: copy merges from its step 196 to 282
+# of 376 raised its held-out dead from 45 % to 61-68 %, session 19).
+MERGE_UNTIL, SETTLE_WINDOWS = 0.75, 4
 
 
 class Merges(NamedTuple):
@@ -196,10 +200,12 @@ def merge_step(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     return first is not None and first <= step and (step + 1) % _steps_between_passes(cfg) == 0
 
 
-def twins_only(step: int, total_steps: int) -> bool:
-    """Whether a merge pass after step `step` merges twins only (decoder cosine >= TWIN_COS): past the
-    run's first MERGE_UNTIL."""
-    return step + 1 > int(total_steps * MERGE_UNTIL)
+def twins_only(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
+    """Whether a merge pass after step `step` of total_steps (cfg resolved) merges twins only (decoder
+    cosine >= TWIN_COS): past the run's first MERGE_UNTIL, or with fewer than SETTLE_WINDOWS dead
+    windows of tokens left."""
+    left = (total_steps - step - 1) * cfg.batch_size
+    return step + 1 > int(total_steps * MERGE_UNTIL) or left < SETTLE_WINDOWS * cfg.dead_after_tokens
 
 
 @torch.no_grad()
@@ -279,7 +285,7 @@ def merge_(
     direction (residual_rows, drawn from `seed`, then shift_to_shared), its encoder row that direction
     at RESEED_ENCODER of the live latents' mean encoder norm, b_enc 0, and counted as dead (AuxK trains
     it until it fires). All of it in the weights the run exports too (optim.overwrite_rows_).
-    only_twins: pairs at cosine >= TWIN_COS only (the run's last quarter, twins_only); a pass that finds
+    only_twins: pairs at cosine >= TWIN_COS only (the run's end, twins_only); a pass that finds
     no pair returns before counting anything. `search`: the run's ParallelSearch for this SAE (None: a
     full near_parallel_pairs). Reads back to the host (it runs between steps); returns the number of
     pairs merged."""

@@ -1,6 +1,6 @@
 """Pairs of live latents whose decoder directions are nearly parallel: a merge pass's search (duplicates.py).
-A full search forms the d_sae x d_sae cosines; ParallelSearch carries what one pass learned to the next, so
-that a pass in a run's quiet stretch forms only the rows that can hold a pair."""
+A full search forms the d_sae x d_sae cosines above the diagonal; ParallelSearch carries what one pass
+learned to the next, so that a pass in a run's quiet stretch forms only the rows that can hold a pair."""
 
 from __future__ import annotations
 
@@ -28,6 +28,22 @@ def search_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _upper_rows(unit_AD: Tensor, start: int, size: int, best_A: Tensor, low: float, partners: int, found: list) -> None:
+    """_search's chunk of rows start .. start + size - 1 where every row is formed: only their cosines to
+    the latents from `start` on (each pair is taken from its first latent's row, and a latent's cosines
+    to earlier ones are columns of their rows), kept in the search dtype. Raises best_A by the rows' and
+    the columns' largest and appends the rows' `partners` most parallel at >= low to found."""
+    cos_CN = unit_AD[start : start + size] @ unit_AD[start:].T
+    # in the chunk's own block, a latent is not its own partner and a pair counts from its first latent
+    own = torch.ones(size, size, dtype=torch.bool, device=unit_AD.device).tril()
+    cos_CN[:, :size].masked_fill_(own, -2.0)
+    best_A[start : start + size] = torch.maximum(best_A[start : start + size], cos_CN.amax(1).float())
+    best_A[start:] = torch.maximum(best_A[start:], cos_CN.amax(0).float())
+    top_CT, col_CT = cos_CN.topk(min(partners, cos_CN.shape[1]), dim=1)
+    r, t = (top_CT.float() >= low).nonzero(as_tuple=True)  # compared in fp32: a bf16 compare rounds `low`
+    found.append((r + start, col_CT[r, t] + start, top_CT[r, t].float()))
+
+
 @torch.no_grad()
 def _search(
     unit_FD: Tensor, alive_F: Tensor, rows_F: Tensor, cos: float, partners: int, chunk: int
@@ -53,14 +69,16 @@ def _search(
     found, spilled = [(none, none, unit_AD.new_empty(0))], [(none, none, unit_AD.new_empty(0))]
     for start in range(0, formed.numel(), chunk):
         r_C = formed[start : start + chunk]
+        if every_row:  # r_C is start .. start + size - 1
+            _upper_rows(unit_AD, start, r_C.numel(), best_A, low, partners, found)
+            continue
         cos_CA = (unit_AD[r_C] @ unit_AD.T).float()
         cos_CA[torch.arange(r_C.numel(), device=device), r_C] = -2.0  # a latent is not its own partner
-        best_A[r_C] = cos_CA.max(1).values
-        if not every_row:
-            best_A = torch.where(formed_A, best_A, torch.maximum(best_A, cos_CA.max(0).values))
-            # pairs (a, r), a < r, whose first latent has no row of its own: kept apart, ranked below
-            r, a = ((cos_CA >= low) & ~formed_A & (cols_A < r_C[:, None])).nonzero(as_tuple=True)
-            spilled.append((a, r_C[r], cos_CA[r, a]))
+        best_A[r_C] = cos_CA.amax(1)
+        best_A = torch.where(formed_A, best_A, torch.maximum(best_A, cos_CA.amax(0)))
+        # pairs (a, r), a < r, whose first latent has no row of its own: kept apart, ranked below
+        r, a = ((cos_CA >= low) & ~formed_A & (cols_A < r_C[:, None])).nonzero(as_tuple=True)
+        spilled.append((a, r_C[r], cos_CA[r, a]))
         cos_CA.masked_fill_(cols_A <= r_C[:, None], -2.0)  # each pair once, from its first latent's row
         top_CT, col_CT = cos_CA.topk(min(partners, n), dim=1)
         r, t = (top_CT >= low).nonzero(as_tuple=True)
@@ -90,7 +108,7 @@ def near_parallel_pairs(
     """Pairs (i_P, j_P), i < j, of latents in alive_F (d_sae,) bool whose decoder rows (W_dec_FD, d_sae x
     d_model) are at cosine >= cos, at most `partners` per latent i (its most parallel ones, so that the
     pairs stay O(d_sae) however clustered the directions are), ordered by decreasing cosine, and their
-    cosines c_P (fp32). The d_sae x d_sae cosines are formed `chunk` rows at a time, in search_dtype."""
+    cosines c_P (fp32). The cosines above the diagonal are formed `chunk` rows at a time, in search_dtype."""
     unit_FD = torch.nn.functional.normalize(W_dec_FD.float(), dim=1)
     return _search(unit_FD, alive_F, alive_F, cos, partners, chunk)[:3]
 

@@ -283,7 +283,7 @@ def fit(
                 merging = merge and duplicates.merge_step(step, cfg, total_steps)
                 train_steps(states, xs, cfg, step, flat, keep_code=merging)
                 if merging:
-                    only_twins = duplicates.twins_only(step, total_steps)
+                    only_twins = duplicates.twins_only(step, cfg, total_steps)
                     for n, s in states.items():
                         seed = (cfg.seed * 65_537 + n) * 1_000_003 + step
                         kept = (s.step_code, s.step_err, s.step_resid)

@@ -35,13 +35,16 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     # from when it merged; past three quarters of the run a pass takes twins only and counts only when it
     # finds one. The fit reports the same count and the bytes (all four parameters' gradients plus
     # counters and statistics)
+    from qscope_train.config import TrainerConfig
     from qscope_train.duplicates import twins_only
+
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=64)  # the worker's batch size and window
 
     assert len(ddp["per_step"]) == len(single["logs"])
     counted = 0
     for step, calls in enumerate(ddp["per_step"]):
         passes = step % 4 == 3
-        counts = passes and (not twins_only(step, 12) or calls[:3] == ["all_reduce"] * 3)
+        counts = passes and (not twins_only(step, cfg, 12) or calls[:3] == ["all_reduce"] * 3)
         assert step != 3 or counts  # the first pass (a copy pass) counts
         assert calls[:3] == ["all_reduce"] * (3 if counts else 2), (step, calls)
         assert calls[3 if counts else 2 :] in ([], ["all_gather"] if counts else []), (step, calls)

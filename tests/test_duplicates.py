@@ -320,14 +320,21 @@ def test_merge_settings_out_of_range_are_config_errors(bad):
         TrainerConfig(**bad)
 
 
-def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_in_the_last_quarter():
-    cfg = TrainerConfig(batch_size=100, dead_after_tokens=1000, merge_cos=0.5, merge_every_tokens=300).resolved(40)
-    # every third step, from the tenth step's end on (1,000 tokens)
-    passes = [s for s in range(40) if duplicates.merge_step(s, cfg, 40)]
-    assert passes == [11, 14, 17, 20, 23, 26, 29, 32, 35, 38]
-    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 40) for s in range(40))
-    # those that end past the run's first three quarters (30 steps of 40) merge twins only
-    assert [s for s in passes if duplicates.twins_only(s, 40)] == [32, 35, 38]
+def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_at_the_runs_end():
+    cfg = TrainerConfig(batch_size=100, dead_after_tokens=500, merge_cos=0.5, merge_every_tokens=300).resolved(80)
+    # every third step, from the fifth step's end on (500 tokens)
+    passes = [s for s in range(80) if duplicates.merge_step(s, cfg, 80)]
+    assert passes == list(range(5, 80, 3))
+    assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 80) for s in range(80))
+    # those that end past the run's first three quarters (60 steps of 80) merge twins only
+    assert [s for s in passes if duplicates.twins_only(s, cfg, 80)] == [62, 65, 68, 71, 74, 77]
+    # a window of 1,800 tokens: the last four windows (72 steps) take twins only, from the eighth step on
+    long = dataclasses.replace(cfg, dead_after_tokens=1800)
+    passes = [s for s in range(80) if duplicates.merge_step(s, long, 80)]
+    assert passes[:2] == [17, 20]
+    assert [s for s in passes if not duplicates.twins_only(s, long, 80)] == []
+    long = dataclasses.replace(cfg, dead_after_tokens=1500)  # 60 steps: copies until the 20th step's end
+    assert [s for s in range(80) if not duplicates.twins_only(s, long, 80)] == list(range(20))
 
 
 @pytest.mark.parametrize("window", [1, 99, 100, 101, 1000, 2500, 3900, 4100])

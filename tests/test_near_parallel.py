@@ -1,6 +1,6 @@
 import torch
 
-from qscope_train.near_parallel import ParallelSearch, near_parallel_pairs
+from qscope_train.near_parallel import BF16_MARGIN, ParallelSearch, near_parallel_pairs, search_dtype
 
 
 def _walk(passes: int, d_sae: int = 600, d_model: int = 32, seed: int = 0):
@@ -82,3 +82,39 @@ def test_pairs_just_above_the_cosine_are_found_with_their_exact_cosine_and_just_
     i, j, cos = near_parallel_pairs(W, torch.ones(160, dtype=torch.bool), 0.95)
     assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(p, p + 80) for p in range(40)]
     torch.testing.assert_close(cos, torch.full((40,), 0.95 + 1e-4), atol=1e-6, rtol=0)
+
+
+def test_a_full_search_in_chunks_finds_each_latents_most_parallel_partners_and_bounds_its_largest_cosine():
+    """Against the dense cosine matrix, formed in the search's dtype: latent i keeps its `partners` most
+    parallel later latents at the cosine (any of those tied at the last place), and the bound each pass
+    keeps is its largest cosine to any other live latent (plus the rounding margin)."""
+    g = torch.Generator().manual_seed(4)
+    # 70 clusters of 10 (and the rest spread): many latents have more than `partners` near them
+    W = torch.randn(70, 24, generator=g).repeat_interleave(10, 0) + 0.6 * torch.randn(700, 24, generator=g)
+    W[::3] = torch.randn(234, 24, generator=g)
+    alive = torch.rand(700, generator=g) > 0.1
+    unit = torch.nn.functional.normalize(W, dim=1)
+    live = alive.nonzero().squeeze(1)
+    unit_AD = unit[live].to(search_dtype(W.device))
+    dense = (unit_AD @ unit_AD.T).float()
+    margin = BF16_MARGIN if unit_AD.dtype == torch.bfloat16 else 0.0
+    for cos in (0.5, 0.8):
+        search = ParallelSearch()
+        i, j, c = search(W, alive, cos, partners=2, chunk=96)  # the first pass forms every row
+        got: dict[int, set[int]] = {}
+        for a, b in zip(i.tolist(), j.tolist(), strict=True):
+            got.setdefault(a, set()).add(b)
+        for a in range(live.numel() - 1):
+            later = dense[a, a + 1 :]
+            cut = max(float(later.topk(min(2, later.numel())).values[-1]), cos - margin)
+            exact = (unit[live[a]] @ unit[live[a + 1 :]].T) >= cos
+            must = {int(live[a + 1 + t]) for t in ((later > cut) & exact).nonzero().squeeze(1)}
+            may = {int(live[a + 1 + t]) for t in ((later >= cut) & exact).nonzero().squeeze(1)}
+            assert must <= got.get(int(live[a]), set()) <= may
+        capped = sum(int((dense[a, a + 1 :] >= cos).sum()) > 2 for a in range(live.numel()))
+        assert capped > 20 and sum(map(len, got.values())) > 100
+        torch.testing.assert_close(c, (unit[i] * unit[j]).sum(1))
+        assert bool((c[:-1] >= c[1:]).all())
+        largest = dense.fill_diagonal_(-2.0).amax(1)
+        torch.testing.assert_close(search.bound_F[live], largest + margin, atol=0, rtol=0)
+        dense = (unit_AD @ unit_AD.T).float()
