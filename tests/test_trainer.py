@@ -258,7 +258,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(optimizer, center, t
     x = _sparse_data(n=4096)
     batches = [{0: x[i * 256 : (i + 1) * 256]} for i in range(12)]
     cfg = TrainerConfig(
-        batch_size=256, optimizer=OptimizerName(optimizer), warmup_steps=3, dead_after_tokens=1024, center_input=center
+        batch_size=256, optimizer=OptimizerName(optimizer), warmup_steps=3, dead_after_tokens=512, center_input=center
     )
 
     def train(directory, source):
