@@ -39,16 +39,17 @@ SHIFT_COS, SHIFT_STEPS = 0.5, 3
 # merge passes take copies (co-firing pairs at merge_cos) in the run's first MERGE_UNTIL only, twins to
 # the end: the copies' merges give each feature its own direction while the dictionary takes shape; the
 # rest of the run trains the re-seeded latents and lets copies tilt apart again where that lowers the
-# error, while twins are still merged. A trade of recovered directions against held-out FVU, measured
-# at 2M tokens, seeds 0-2 (docs/BENCHMARKS.md, sessions 13 and 19): copy merges to the end raised FVU on
-# the easy shape to 0.0799-0.0817 (session 13); stopping them at 0.5 gave the lowest FVU but left the
-# hard shape's recovery within seed noise of sparsify's (62.1-63.7 %); 0.75 recovers 64.1-65.3 % there
-# and -0.8 to +1.7 points on the easy and small shapes, for +0.0006 to +0.0017 of FVU (session 19).
-# With the default dead window (1/16 of the run) that leaves four windows after the last copy merge for
-# the re-seeded latents to come alive; a longer window keeps those four: copies also stop SETTLE_WINDOWS
-# dead windows before the end (the demo's window is half its run: copy merges from its step 196 to 282
-# of 376 raised its held-out dead from 45 % to 61-68 %, session 19).
-MERGE_UNTIL, SETTLE_WINDOWS = 0.75, 4
+# error, while twins are still merged. Copies merge at up to MAX_COST of the step's error until CHEAP_AFTER
+# of the run; after it, only where the merge adds at most one live latent's share of the step's squared
+# error (err / live latents): freeing a latent by a dearer merge loses more than an average latent
+# carries. Late copies of rare, newly learned features are cheap; late splits of frequent, settled ones
+# are dear (docs/BENCHMARKS.md, session 21: on the easy shape such merges cost 0.5-2.5 % of the error
+# each and moved held-out FVU above sparsify's in 3 of 6 seeds; copies until 0.5 only lost recovery on
+# the hard shape, sessions 19-20). With the default dead window (1/16 of the run) that leaves four
+# windows after the last copy merge for the re-seeded latents to come alive; a longer window keeps those
+# four: copies also stop SETTLE_WINDOWS dead windows before the end (the demo's window is half its run:
+# copy merges from its step 196 to 282 of 376 raised its held-out dead from 45 % to 61-68 %, session 19).
+MERGE_UNTIL, CHEAP_AFTER, SETTLE_WINDOWS = 0.75, 0.5, 4
 
 
 class Merges(NamedTuple):
@@ -208,6 +209,12 @@ def twins_only(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
     return step + 1 > int(total_steps * MERGE_UNTIL) or left < SETTLE_WINDOWS * cfg.dead_after_tokens
 
 
+def cheap_only(step: int, cfg: TrainerConfig, total_steps: int) -> bool:
+    """Whether a merge pass after step `step` of total_steps (cfg resolved) takes only merges that add at
+    most one live latent's share of the step's squared error: past the run's first CHEAP_AFTER."""
+    return step + 1 > int(total_steps * CHEAP_AFTER)
+
+
 @torch.no_grad()
 def residual_rows(resid_BD: Tensor, m: int, seed: int) -> tuple[Tensor, Tensor]:
     """(seeds, candidates): up to m unit rows of a step's residual x - x_hat drawn without replacement with
@@ -274,6 +281,7 @@ def merge_(
     seed: int = 0,
     only_twins: bool = False,
     search: ParallelSearch | None = None,
+    cheap: bool = False,
 ) -> int:
     """One merge pass over a training SAE, deciding from `code`, the top-k code of this rank's rows of a
     training step (the trainer keeps it: train_steps' keep_code), `err`, that step's squared
@@ -286,7 +294,8 @@ def merge_(
     at RESEED_ENCODER of the live latents' mean encoder norm, b_enc 0, and counted as dead (AuxK trains
     it until it fires). All of it in the weights the run exports too (optim.overwrite_rows_).
     only_twins: pairs at cosine >= TWIN_COS only (the run's end, twins_only); a pass that finds
-    no pair returns before counting anything. `search`: the run's ParallelSearch for this SAE (None: a
+    no pair returns before counting anything. cheap: merges that add at most err / (live latents) of
+    squared error only (cheap_only), instead of MAX_COST * err. `search`: the run's ParallelSearch for this SAE (None: a
     full near_parallel_pairs). Reads back to the host (it runs between steps); returns the number of
     pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
@@ -295,7 +304,7 @@ def merge_(
     if i_P.numel() == 0:  # every rank holds the same decoder, so every rank returns here alike
         return 0
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
-    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts)
+    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, max_cost=1 / float(alive_F.sum()) if cheap else MAX_COST)
     if m.frequent_M.numel() == 0:
         return 0
     seeds_MD, candidates_CD = residual_rows(resid_BD, m.frequent_M.numel(), seed)

@@ -284,11 +284,12 @@ def fit(
                 train_steps(states, xs, cfg, step, flat, keep_code=merging)
                 if merging:
                     only_twins = duplicates.twins_only(step, cfg, total_steps)
+                    cheap = duplicates.cheap_only(step, cfg, total_steps)
                     for n, s in states.items():
                         seed = (cfg.seed * 65_537 + n) * 1_000_003 + step
                         kept = (s.step_code, s.step_err, s.step_resid)
                         s.merges += duplicates.merge_(
-                            s.sae, s.opt, s.since_fired_F, *kept, cfg, seed, only_twins, s.search
+                            s.sae, s.opt, s.since_fired_F, *kept, cfg, seed, only_twins, s.search, cheap
                         )
                         s.step_code = s.step_err = s.step_resid = None
                 if step % cfg.log_every == 0 or step == total_steps - 1:

@@ -247,6 +247,69 @@ def test_a_twins_only_pass_leaves_a_co_firing_copy_and_merges_a_twin():
     assert float(sae.W_dec_FD[0] @ sae.W_dec_FD[1]) < 0.95 and not torch.equal(sae.W_dec_FD[:2], pair_before)
 
 
+def _tilted_copy():
+    """An SAE (8 x 64, k 4) whose latent 1 is a copy of latent 0 at cosine 0.89, firing on the same rows;
+    its state, a step's (code, residuals) and the merge_cost of that pair."""
+    sae = TopKSAE(8, 64, 4)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.85).resolved(10)
+    state = new_state(sae, cfg, 10, "cpu")
+    with torch.no_grad():
+        d0 = sae.W_dec_FD[0] / sae.W_dec_FD[0].norm()
+        u = sae.W_dec_FD[2] - (sae.W_dec_FD[2] @ d0) * d0
+        sae.W_dec_FD[1] = torch.nn.functional.normalize(d0 + 0.5 * u / u.norm(), dim=0)
+        sae.W_enc[1], sae.b_enc[1] = sae.W_enc[0], sae.b_enc[0] + 1e-3
+    code, _, resid = duplicates.step_code(sae, torch.randn(512, 8, generator=torch.Generator().manual_seed(1)))
+    i, j, c = duplicates.near_parallel_pairs(sae.W_dec_FD, torch.ones(64, dtype=torch.bool), 0.85)
+    p = [n for n, pair in enumerate(zip(i.tolist(), j.tolist(), strict=True)) if set(pair) == {0, 1}][0]
+    fired, act, sq, both, cross = duplicates.firing_counts(code, i, j, 64).split([64] * 3 + [i.numel()] * 2)
+    assert both[p] >= duplicates.MIN_ROWS
+    a, b = (0, 1) if fired[0] >= fired[1] else (1, 0)
+    cost, _ = duplicates.merge_cost(c[p], act[a] + 1e-12, act[b] + 1e-12, sq[a], sq[b], cross[p])
+    assert cost > 0
+    return sae, state, cfg, code, resid, cost
+
+
+def test_a_cheap_pass_takes_a_copy_only_if_it_costs_at_most_one_live_latents_share_of_the_error():
+    sae, state, cfg, code, resid, cost = _tilted_copy()
+    pair_before = sae.W_dec_FD[:2].detach().clone()
+    # the merge costs 5 % of the error: more than one of 64 live latents' share, so a cheap pass refuses it
+    duplicates.merge_(sae, state.opt, state.since_fired_F, code, cost / 0.05, resid, cfg, cheap=True)
+    assert torch.equal(sae.W_dec_FD[:2], pair_before)
+    # at 1 % of the error a cheap pass takes it
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, cost / 0.01, resid, cfg, cheap=True) >= 1
+    assert not torch.equal(sae.W_dec_FD[:2], pair_before)
+
+
+def test_a_full_pass_takes_the_copy_a_cheap_pass_refuses():
+    sae, state, cfg, code, resid, cost = _tilted_copy()
+    pair_before = sae.W_dec_FD[:2].detach().clone()
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, cost / 0.05, resid, cfg) >= 1
+    assert not torch.equal(sae.W_dec_FD[:2], pair_before)
+
+
+def test_fit_hands_each_pass_what_it_may_merge(monkeypatch):
+    calls = []
+
+    def record(*args, **kwargs):
+        # args: sae, opt, since_fired, code, err, resid, cfg, seed, only_twins, search, cheap
+        calls.append((args[8], args[10]))
+        return 0
+
+    monkeypatch.setattr(duplicates, "merge_", record)
+    cfg = TrainerConfig(
+        batch_size=100, dead_after_tokens=500, merge_cos=0.5, merge_every_tokens=300, checkpoint_every=0
+    )
+    batches = [{0: torch.randn(100, 8, generator=torch.Generator().manual_seed(s))} for s in range(80)]
+    sae = TopKSAE(8, 32, 4)
+    sae.init_weights_(generator=torch.Generator().manual_seed(0))
+    fit({0: sae}, Unseekable(batches), cfg, 80, "cpu", lambda *_: None, NullBar)
+    resolved = cfg.resolved(80)
+    passes = [s for s in range(80) if duplicates.merge_step(s, resolved, 80)]
+    assert calls == [(duplicates.twins_only(s, resolved, 80), duplicates.cheap_only(s, resolved, 80)) for s in passes]
+    assert set(calls) == {(False, False), (False, True), (True, True)}
+
+
 def _reseed(resid, m, seed):
     """The directions merge_ gives m re-seeded latents when no live latent is near them."""
     return duplicates.shift_to_shared(*duplicates.residual_rows(resid, m, seed))
@@ -328,6 +391,9 @@ def test_merge_passes_start_after_the_first_dead_window_and_take_only_twins_at_t
     assert not any(duplicates.merge_step(s, dataclasses.replace(cfg, merge_cos=None), 80) for s in range(80))
     # those that end past the run's first three quarters (60 steps of 80) merge twins only
     assert [s for s in passes if duplicates.twins_only(s, cfg, 80)] == [62, 65, 68, 71, 74, 77]
+    # between the first half (40 steps) and three quarters, only cheap copy merges
+    cheap = [s for s in passes if duplicates.cheap_only(s, cfg, 80) and not duplicates.twins_only(s, cfg, 80)]
+    assert cheap == [41, 44, 47, 50, 53, 56, 59]
     # a window of 1,800 tokens: the last four windows (72 steps) take twins only, from the eighth step on
     long = dataclasses.replace(cfg, dead_after_tokens=1800)
     passes = [s for s in range(80) if duplicates.merge_step(s, long, 80)]
