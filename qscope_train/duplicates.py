@@ -141,6 +141,7 @@ def pick(
     cofire_frequent: float = COFIRE_FREQUENT,
     max_cost: float | None = MAX_COST,
     min_rows: int = MIN_ROWS,
+    copy_max_cost: float | None = None,
 ) -> Merges:
     """The merges: pairs in which the rarer latent fired on at least `min_rows` rows and shared at least
     `cofire` of them with the other, which shared at least `cofire_frequent` of its own rows (a latent
@@ -148,7 +149,8 @@ def pick(
     max_cost is None) whose merge_cost is at most `max_cost` times the rows' squared reconstruction
     error (counts' last entry); taken greedily in the pairs' order (most parallel first), each latent in
     one merge at most. Twins (cosine >= TWIN_COS) need no co-firing: rare or split, two live latents on
-    one direction show a user the same feature twice. A pair's direction is the activation-weighted mean
+    one direction show a user the same feature twice. copy_max_cost (None: none) caps the copies' (not
+    the twins') merge_cost the same way, more tightly. A pair's direction is the activation-weighted mean
     of its two directions; the frequent latent's encoder scale is merge_cost's s (clamped to [1, 2])."""
     d_sae, n_pairs = W_dec_FD.shape[0], i_P.shape[0]
     sizes = [d_sae] * 3 + [n_pairs] * 2
@@ -162,6 +164,8 @@ def pick(
     cost_P, scale_P = merge_cost(c_P, weight_F[frequent_P], weight_F[rare_P], sq_F[frequent_P], sq_F[rare_P], cross_P)
     if max_cost is not None:
         ok &= cost_P <= max_cost * rest[0]
+    if copy_max_cost is not None:  # a tighter cap for copies (cheap passes); twins keep max_cost
+        ok &= (c_P >= TWIN_COS) | (cost_P <= copy_max_cost * rest[0])
     chosen, used = [], set()
     rows = ok.nonzero().squeeze(1)
     for p, a, b in zip(rows.tolist(), frequent_P[rows].tolist(), rare_P[rows].tolist(), strict=True):
@@ -294,8 +298,8 @@ def merge_(
     at RESEED_ENCODER of the live latents' mean encoder norm, b_enc 0, and counted as dead (AuxK trains
     it until it fires). All of it in the weights the run exports too (optim.overwrite_rows_).
     only_twins: pairs at cosine >= TWIN_COS only (the run's end, twins_only); a pass that finds
-    no pair returns before counting anything. cheap: merges that add at most err / (live latents) of
-    squared error only (cheap_only), instead of MAX_COST * err. `search`: the run's ParallelSearch for this SAE (None: a
+    no pair returns before counting anything. cheap: copy merges only where they add at most
+    err / (live latents) of squared error (cheap_only); twins still merge at up to MAX_COST * err. `search`: the run's ParallelSearch for this SAE (None: a
     full near_parallel_pairs). Reads back to the host (it runs between steps); returns the number of
     pairs merged."""
     alive_F = since_fired_F < cfg.dead_after_tokens
@@ -304,7 +308,7 @@ def merge_(
     if i_P.numel() == 0:  # every rank holds the same decoder, so every rank returns here alike
         return 0
     counts = torch.cat([distributed.sum_(firing_counts(code, i_P, j_P, sae.d_sae)), err.float().reshape(1)])
-    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, max_cost=1 / float(alive_F.sum()) if cheap else MAX_COST)
+    m = pick(sae.W_dec_FD, i_P, j_P, c_P, counts, copy_max_cost=1 / float(alive_F.sum()) if cheap else None)
     if m.frequent_M.numel() == 0:
         return 0
     seeds_MD, candidates_CD = residual_rows(resid_BD, m.frequent_M.numel(), seed)

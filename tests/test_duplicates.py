@@ -247,9 +247,9 @@ def test_a_twins_only_pass_leaves_a_co_firing_copy_and_merges_a_twin():
     assert float(sae.W_dec_FD[0] @ sae.W_dec_FD[1]) < 0.95 and not torch.equal(sae.W_dec_FD[:2], pair_before)
 
 
-def _tilted_copy():
-    """An SAE (8 x 64, k 4) whose latent 1 is a copy of latent 0 at cosine 0.89, firing on the same rows;
-    its state, a step's (code, residuals) and the merge_cost of that pair."""
+def _tilted_copy(tilt=0.5):
+    """An SAE (8 x 64, k 4) whose latent 1 is a copy of latent 0 at cosine 1 / sqrt(1 + tilt^2) (0.89),
+    firing on the same rows; its state, a step's (code, residuals) and the merge_cost of that pair."""
     sae = TopKSAE(8, 64, 4)
     sae.init_weights_(generator=torch.Generator().manual_seed(0))
     cfg = TrainerConfig(batch_size=64, dead_after_tokens=640, merge_cos=0.85).resolved(10)
@@ -257,7 +257,7 @@ def _tilted_copy():
     with torch.no_grad():
         d0 = sae.W_dec_FD[0] / sae.W_dec_FD[0].norm()
         u = sae.W_dec_FD[2] - (sae.W_dec_FD[2] @ d0) * d0
-        sae.W_dec_FD[1] = torch.nn.functional.normalize(d0 + 0.5 * u / u.norm(), dim=0)
+        sae.W_dec_FD[1] = torch.nn.functional.normalize(d0 + tilt * u / u.norm(), dim=0)
         sae.W_enc[1], sae.b_enc[1] = sae.W_enc[0], sae.b_enc[0] + 1e-3
     code, _, resid = duplicates.step_code(sae, torch.randn(512, 8, generator=torch.Generator().manual_seed(1)))
     i, j, c = duplicates.near_parallel_pairs(sae.W_dec_FD, torch.ones(64, dtype=torch.bool), 0.85)
@@ -278,6 +278,13 @@ def test_a_cheap_pass_takes_a_copy_only_if_it_costs_at_most_one_live_latents_sha
     assert torch.equal(sae.W_dec_FD[:2], pair_before)
     # at 1 % of the error a cheap pass takes it
     assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, cost / 0.01, resid, cfg, cheap=True) >= 1
+    assert not torch.equal(sae.W_dec_FD[:2], pair_before)
+
+
+def test_a_cheap_pass_still_merges_a_twin_that_costs_more_than_a_live_latents_share():
+    sae, state, cfg, code, resid, cost = _tilted_copy(tilt=0.1)  # cosine 0.995
+    pair_before = sae.W_dec_FD[:2].detach().clone()
+    assert duplicates.merge_(sae, state.opt, state.since_fired_F, code, cost / 0.05, resid, cfg, cheap=True) >= 1
     assert not torch.equal(sae.W_dec_FD[:2], pair_before)
 
 
