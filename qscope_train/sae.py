@@ -198,6 +198,13 @@ class TopKSAE(nn.Module):
         """Pre-activations (B, d_sae) without autograd history; gemm_dtype (e.g. bfloat16) runs the GEMM
         in that dtype, weights staying fp32. In fp32 with k given, on a CPU with native bf16 the top k
         come from screen.screened_pre (the fp32 top k and values, the rest at bf16 accuracy)."""
+        return self._pre_top(x_BD, gemm_dtype, k)[0]
+
+    @torch.no_grad()
+    def _pre_top(
+        self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype], k: Optional[int]
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """dense_pre's pre-activations and, where the screen ran, each row's top k latents (else None)."""
         x_BD = x_BD.to(self.W_enc.dtype)
         # centred: (x - b_dec) W^T + b_enc computed as x W^T + (b_enc - W b_dec), no (B, D) copy
         b_enc = self._folded_b_enc() if self.centered else self.b_enc
@@ -207,9 +214,11 @@ class TopKSAE(nn.Module):
                 and self.W_enc.dtype == torch.float32
                 and screen.applies(x_BD.device, self.d_model, self.d_sae, k)
             ):
-                return screen.screened_pre(x_BD, self.W_enc, b_enc, k)[0]
-            return torch.addmm(b_enc, x_BD, self.W_enc.T)  # bias fused into the GEMM
-        return (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + b_enc
+                relu = self.activation is Activation.relu_topk
+                pre_BF, idx_BK, _ = screen.screened_pre(x_BD, self.W_enc, b_enc, k, relu=relu)
+                return pre_BF, idx_BK
+            return torch.addmm(b_enc, x_BD, self.W_enc.T), None  # bias fused into the GEMM
+        return (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + b_enc, None
 
     def reconstruct(self, x_BD: Tensor, pre_BF: Tensor, idx_BK: Tensor) -> ForwardOutput:
         """Decode the latents idx_BK (B, k), valued from pre_BF, with sparse gradients to every parameter."""
@@ -222,9 +231,10 @@ class TopKSAE(nn.Module):
 
         gemm_dtype: see dense_pre. k overrides self.k for this call (k annealing).
         """
-        pre_BF = self.dense_pre(x_BD, gemm_dtype, k or self.k)
-        with torch.no_grad():
-            idx_BK = self.select(pre_BF, k).idx_BK
+        pre_BF, idx_BK = self._pre_top(x_BD, gemm_dtype, k or self.k)
+        if idx_BK is None:
+            with torch.no_grad():
+                idx_BK = self.select(pre_BF, k).idx_BK
         return self.reconstruct(x_BD, pre_BF, idx_BK)
 
     # ----- decoder-norm helpers (in place) -----------------------------------------------------------

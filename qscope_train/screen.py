@@ -20,6 +20,7 @@ to rank and value dead latents (on a GPU the whole GEMM is bf16 by default).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,7 +30,8 @@ from .sparse import LatentMajor
 UNIT = 2.0**-8  # bf16 unit roundoff (8 significant bits, round to nearest)
 # The screen's own work (a top-2k, the candidates' fp32 dot products, norms) grows with d_sae and 2k x d_model,
 # the GEMM it saves with d_model x d_sae: timed at B 4096 on the 2-core CPU VM (docs/BENCHMARKS.md, session
-# 15), screen / fp32 GEMM + top-k is 2.5 at d_model 64, 1.5 at 256, 1.0 at 512, 0.6 at 1024 and 2048.
+# 15), screen / fp32 GEMM + top-k is 2.5 at d_model 64, 1.5 at 256, 1.0 at 512, 0.6 at 1024 and 2048; on a
+# machine with AMX, whose fp32 GEMM is twice as fast, 0.84 at 1024 and 0.88 at 2048 (session 22)
 MIN_D_MODEL = 1024
 # and only where the candidates are a small share of the latents
 MAX_CANDIDATE_SHARE = 1 / 8
@@ -46,11 +48,20 @@ def applies(device: torch.device, d_model: int, d_sae: int, k: int) -> bool:
     return device.type == "cpu" and d_model >= MIN_D_MODEL and 2 * k <= MAX_CANDIDATE_SHARE * d_sae and _native_bf16()
 
 
+class Screened(NamedTuple):
+    pre_BF: Tensor  # pre-activations: fp32 at each row's candidates (and redone rows), bf16-accurate elsewhere
+    idx_BK: Tensor  # each row's top k latents (after a ReLU if relu), the fp32 GEMM's
+    redone: int  # rows the bound sent back to an fp32 GEMM
+
+
 @torch.no_grad()
-def screened_pre(x_BD: Tensor, W_FD: Tensor, b_F: Tensor, k: int, margin: int | None = None) -> tuple[Tensor, int]:
+def screened_pre(
+    x_BD: Tensor, W_FD: Tensor, b_F: Tensor, k: int, margin: int | None = None, relu: bool = False
+) -> Screened:
     """Pre-activations x @ W_FD.T + b_F (B, d_sae) whose top k per row, and the values there, are the fp32
-    ones; returns them and the number of rows the bound sent back to an fp32 GEMM. margin: candidates
-    beyond k (default k)."""
+    ones, with that top k (ranked after a ReLU if relu) taken from the candidates, so that the caller needs
+    no second top k over all the latents (about a sixth of a step at 1024 x 16384, k 64); and the number of
+    rows the bound sent back to an fp32 GEMM. margin: candidates beyond k (default k)."""
     margin = k if margin is None else margin
     B, d_model = x_BD.shape
     m = min(k + margin, W_FD.shape[0])
@@ -59,15 +70,21 @@ def screened_pre(x_BD: Tensor, W_FD: Tensor, b_F: Tensor, k: int, margin: int | 
     screened_BM, idx_BM = pre_BF.topk(m, dim=-1, sorted=False)
     exact_BM = LatentMajor(idx_BM, W_FD.shape[0]).dots(x_BD, W_FD) + b_F[idx_BM]
     pre_BF.scatter_(-1, idx_BM, exact_BM)
+    # under a ReLU the picks are ranked at relu(value): one at 0 ties with every latent at or below 0
+    ranked_BM = exact_BM.relu() if relu else exact_BM
+    pos_BK = ranked_BM.topk(k, dim=-1, sorted=False).indices
+    idx_BK = idx_BM.gather(-1, pos_BK)
     if m == W_FD.shape[0]:
-        return pre_BF, 0
+        return Screened(pre_BF, idx_BK, 0)
     t_B = screened_BM.min(-1).values
     reach_B = t_B + 2 * UNIT * (t_B.abs() + b_F.abs().max()) + rounding_bound(x_BD, W_FD)
-    kth_B = exact_BM.topk(k, dim=-1, sorted=False).values.min(-1).values
+    kth_B = ranked_BM.gather(-1, pos_BK).min(-1).values
     bad = (kth_B < reach_B).nonzero().squeeze(1)
     if bad.numel():
-        pre_BF[bad] = torch.addmm(b_F, x_BD[bad], W_FD.T)
-    return pre_BF, int(bad.numel())
+        rows = torch.addmm(b_F, x_BD[bad], W_FD.T)
+        pre_BF[bad] = rows
+        idx_BK[bad] = (rows.relu() if relu else rows).topk(k, dim=-1, sorted=False).indices
+    return Screened(pre_BF, idx_BK, int(bad.numel()))
 
 
 @torch.no_grad()

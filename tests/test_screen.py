@@ -19,10 +19,11 @@ def test_screened_top_k_is_the_fp32_top_k_with_fp32_values():
     torch.manual_seed(0)
     B, D, F, k = 256, 64, 1024, 16
     x, W, b = torch.randn(B, D) * 3 + 1, torch.randn(F, D) / 8, torch.randn(F) * 0.1
-    pre, _ = screen.screened_pre(x, W, b, k)
+    pre, top, _ = screen.screened_pre(x, W, b, k)
     vals, idx = pre.topk(k, dim=-1)
     want_vals, want_idx = _fp32_topk(x, W, b, k)
     assert torch.equal(idx.sort(-1).values, want_idx)
+    assert torch.equal(top.sort(-1).values, want_idx)  # the top k it hands back, taken from its candidates
     torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
     # outside the top k the values are only screened: bf16's accuracy, not fp32's
     assert (pre - torch.addmm(b, x, W.T)).abs().max() > 1e-4
@@ -38,9 +39,26 @@ def test_rows_the_bound_cannot_prove_are_formed_again_in_fp32():
     W[:200] = base + torch.randn(200, D) * 1e-4  # each within 2^-8 of base: the same bf16 row
     x = base + torch.randn(B, D) * 0.01
     b = torch.zeros(F)
-    pre, redone = screen.screened_pre(x, W, b, k)
+    pre, top, redone = screen.screened_pre(x, W, b, k)
     assert redone > B // 2
     assert torch.equal(pre.topk(k, dim=-1).indices.sort(-1).values, _fp32_topk(x, W, b, k)[1])
+    assert torch.equal(top.sort(-1).values, _fp32_topk(x, W, b, k)[1])
+
+
+def test_under_a_relu_the_top_k_comes_from_the_candidates_also_where_fewer_than_k_are_positive():
+    """relu_topk ranks relu(pre): in a row with fewer than k positive latents every other pick is a 0, and
+    any latent at or below 0 ties with it, so the row needs no fp32 GEMM of its own."""
+    torch.manual_seed(4)
+    B, D, F, k = 128, 64, 1024, 16
+    x, W = torch.randn(B, D), torch.randn(F, D) / 8
+    b = torch.full((F,), -4.0)
+    b[:8] = 5.0  # 8 latents positive on every row, the rest almost never
+    pre, top, redone = screen.screened_pre(x, W, b, k, relu=True)
+    fp32 = torch.addmm(b, x, W.T).relu()
+    assert ((fp32 > 0).sum(1) < k).all() and redone == 0
+    want = fp32.gather(-1, fp32.topk(k, dim=-1).indices).sort(-1).values
+    torch.testing.assert_close(fp32.gather(-1, top).sort(-1).values, want)
+    assert ((top < 8).sum(1) == 8).all()  # the positive ones are picked in every row
 
 
 def test_rounding_bound_holds_where_the_roundings_add_up():
