@@ -88,12 +88,17 @@ def test_the_trainer_reaches_the_screen_and_its_gradients_are_the_fp32_ones(monk
             calls.append(1)
             return real(*args, **kwargs)
 
+        def select(*args, calls=calls, **kwargs):  # the full top-k: only where no screen handed one back
+            calls.append("select")
+            return TopKSAE.select(sae, *args, **kwargs)
+
         monkeypatch.setattr(screen, "applies", lambda *a, on=on: on)
         monkeypatch.setattr(screen, "screened_pre", spy)
+        monkeypatch.setattr(sae, "select", select)
         sae.zero_grad()
         fvu(x, sae(x).x_hat_BD).backward()
         grads[on] = {n: p.grad.clone() for n, p in sae.named_parameters()}
-        assert bool(calls) == on
+        assert calls == ([1] if on else ["select"])
     for name in grads[False]:
         torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-6, msg=name)
 
