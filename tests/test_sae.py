@@ -119,3 +119,18 @@ def test_latent_major_pieces_match_their_dense_forms():
     assert sparse_module.per_sample_backward() is not None  # the pinned torch has the fast op: it is what runs
     torch.testing.assert_close(pairs.dots(y, W), want)
     torch.testing.assert_close(sampled_dots(idx, y, W, F), want)
+
+
+def test_latent_major_groups_pairs_by_latent_with_rows_in_order():
+    """The regrouping (a stable sort of int32 keys) lists each latent's pairs in row order and marks where
+    each latent's run starts; a latent nobody picked has an empty run."""
+    torch.manual_seed(5)
+    F, M = 300, 7
+    idx = torch.randint(0, F - 1, (4096, M))  # latent F - 1 is never picked
+    order, rows, latents, offsets = LatentMajor(idx, F)._build()
+    flat = idx.reshape(-1)
+    assert torch.equal(order, torch.sort(flat, stable=True).indices)
+    assert torch.equal(latents, flat[order]) and torch.equal(rows, order // M)
+    assert torch.equal(
+        offsets, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(flat, minlength=F).cumsum(0)[:-1]])
+    )
