@@ -31,8 +31,8 @@ class LatentMajor:
         latents in that order, and where each latent's run starts."""
         if self._built is None:
             flat = self.idx_BM.reshape(-1)
-            # int32 keys (any d_sae fits) sort about twice as fast as int64 ones on a CPU; the stable sort
-            # keeps the order argsort gave (rows ascending within a latent), so results are bit for bit
+            # int32 keys (any d_sae fits) sort about twice as fast as int64 ones on a CPU; stable, so each
+            # latent's pairs are in row order (an int64 argsort kept that order only on larger codes)
             order = flat.to(torch.int32).sort(stable=True).indices
             latents = flat[order]
             # where each latent's run starts in the sorted pairs (searchsorted, unlike bincount, needs no
