@@ -64,9 +64,7 @@ def multi_topk(
     sae: TopKSAE, x_BD: Tensor, k: int, factor: int, coef: float, var: Optional[Tensor] = None, gemm_dtype=None
 ) -> StepLoss:
     """FVU(top-k) + coef * FVU(top-(factor*k)); one encoder pass, one sparse backward through both."""
-    pre_BF = sae.dense_pre(x_BD, gemm_dtype, min(factor * k, sae.d_sae))
-    with torch.no_grad():
-        idx_BM = sae.select(pre_BF, min(factor * k, sae.d_sae)).idx_BK
+    pre_BF, idx_BM = sae.pre_top(x_BD, gemm_dtype, min(factor * k, sae.d_sae))
     wide = sae.reconstruct(x_BD, pre_BF, idx_BM)
     with torch.no_grad():  # the top k of the top factor*k are the top k
         pos_BK = wide.code.vals_BK.topk(k, dim=-1, sorted=False).indices

@@ -194,31 +194,32 @@ class TopKSAE(nn.Module):
         return self.decode_sparse(SparseCode(vals_BM, idx_BM), bias=False, pairs=pairs)
 
     @torch.no_grad()
-    def dense_pre(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> Tensor:
+    def dense_pre(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None) -> Tensor:
         """Pre-activations (B, d_sae) without autograd history; gemm_dtype (e.g. bfloat16) runs the GEMM
-        in that dtype, weights staying fp32. In fp32 with k given, on a CPU with native bf16 the top k
-        come from screen.screened_pre (the fp32 top k and values, the rest at bf16 accuracy)."""
-        return self._pre_top(x_BD, gemm_dtype, k)[0]
-
-    @torch.no_grad()
-    def _pre_top(
-        self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype], k: Optional[int]
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """dense_pre's pre-activations and, where the screen ran, each row's top k latents (else None)."""
+        in that dtype, weights staying fp32."""
         x_BD = x_BD.to(self.W_enc.dtype)
         # centred: (x - b_dec) W^T + b_enc computed as x W^T + (b_enc - W b_dec), no (B, D) copy
         b_enc = self._folded_b_enc() if self.centered else self.b_enc
         if gemm_dtype is None or gemm_dtype == self.W_enc.dtype:
-            if (
-                k is not None
-                and self.W_enc.dtype == torch.float32
-                and screen.applies(x_BD.device, self.d_model, self.d_sae, k)
-            ):
-                relu = self.activation is Activation.relu_topk
-                pre_BF, idx_BK, _ = screen.screened_pre(x_BD, self.W_enc, b_enc, k, relu=relu)
-                return pre_BF, idx_BK
-            return torch.addmm(b_enc, x_BD, self.W_enc.T), None  # bias fused into the GEMM
-        return (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + b_enc, None
+            return torch.addmm(b_enc, x_BD, self.W_enc.T)  # bias fused into the GEMM
+        return (x_BD.to(gemm_dtype) @ self.W_enc.to(gemm_dtype).T).float() + b_enc
+
+    @torch.no_grad()
+    def pre_top(
+        self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None
+    ) -> tuple[Tensor, Tensor]:
+        """dense_pre's pre-activations and each row's top k latents (select's; k: self.k if None). In fp32
+        on a CPU with native bf16 both come from screen.screened_pre: the top k and their values are the
+        fp32 ones, the other pre-activations are at bf16 accuracy, and no top k over all latents runs."""
+        k = k or self.k
+        fp32 = (gemm_dtype is None or gemm_dtype == self.W_enc.dtype) and self.W_enc.dtype == torch.float32
+        if fp32 and screen.applies(x_BD.device, self.d_model, self.d_sae, k):
+            b_enc = self._folded_b_enc() if self.centered else self.b_enc
+            relu = self.activation is Activation.relu_topk
+            pre_BF, idx_BK, _ = screen.screened_pre(x_BD.to(self.W_enc.dtype), self.W_enc, b_enc, k, relu=relu)
+            return pre_BF, idx_BK
+        pre_BF = self.dense_pre(x_BD, gemm_dtype)
+        return pre_BF, self.select(pre_BF, k).idx_BK
 
     def reconstruct(self, x_BD: Tensor, pre_BF: Tensor, idx_BK: Tensor) -> ForwardOutput:
         """Decode the latents idx_BK (B, k), valued from pre_BF, with sparse gradients to every parameter."""
@@ -229,12 +230,9 @@ class TopKSAE(nn.Module):
     def forward(self, x_BD: Tensor, gemm_dtype: Optional[torch.dtype] = None, k: Optional[int] = None) -> ForwardOutput:
         """Training forward: dense pre-activations without autograd, sparse gradients for the top k.
 
-        gemm_dtype: see dense_pre. k overrides self.k for this call (k annealing).
+        gemm_dtype: see dense_pre; the top k: pre_top. k overrides self.k for this call (k annealing).
         """
-        pre_BF, idx_BK = self._pre_top(x_BD, gemm_dtype, k or self.k)
-        if idx_BK is None:
-            with torch.no_grad():
-                idx_BK = self.select(pre_BF, k).idx_BK
+        pre_BF, idx_BK = self.pre_top(x_BD, gemm_dtype, k)
         return self.reconstruct(x_BD, pre_BF, idx_BK)
 
     # ----- decoder-norm helpers (in place) -----------------------------------------------------------
