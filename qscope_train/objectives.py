@@ -91,36 +91,14 @@ def matryoshka(
     return torch.stack(losses).mean()
 
 
-# AuxK's dead window grows with the run: a latent counts as dead once it has not fired for a quarter of
-# the tokens seen so far, at least trainer.dead_after_tokens and at most DEAD_WINDOW_GROWTH times it. At
-# the start, while the dictionary takes shape, AuxK reaches latents that went quiet after a few steps;
-# later only latents quiet for longer, so that spare latents can settle as rare fillers. On bench_quality
-# the short early window recovered 2-4 points more of the hard shape's directions at 2M tokens, and a
-# short window kept to the end left more latents dead on the easy shape (docs/BENCHMARKS.md, session 23).
-DEAD_WINDOW_GROWTH = 4
-
-
-def auxk_window(cfg: TrainerConfig, tokens_seen: int) -> int:
-    """Tokens without firing after which AuxK trains a latent, `tokens_seen` into the run (cfg resolved)."""
-    return min(DEAD_WINDOW_GROWTH * cfg.dead_after_tokens, max(cfg.dead_after_tokens, tokens_seen // 4))
-
-
 def auxk_loss(
     sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, var: Optional[Tensor] = None
 ) -> Tensor:
     """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
-    (losses.auxk, divided by `var`, or by this batch's residual variance) on the half of the rows with the
-    largest residual, where what the live latents miss is; the gradient reaches only the dead rows of
-    W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read back to the host
-    to find that out. Half the rows halves AuxK's cost (on CPUs mostly its per-row top-k) and kept its
-    recovery on bench_quality's hard shape (docs/BENCHMARKS.md, session 23)."""
+    (losses.auxk, divided by `var`, or by this batch's residual variance); the gradient reaches only the
+    dead rows of W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read
+    back to the host to find that out."""
     relu = sae.activation is Activation.relu_topk
-    x_hat_BD, pre_BF = out.x_hat_BD, out.pre_BF
-    if x_BD.shape[0] > 1:
-        with torch.no_grad():
-            resid_B = (x_BD - x_hat_BD.detach()).float().pow(2).sum(1)
-            worst = resid_B.topk(x_BD.shape[0] // 2).indices.sort().values
-        x_BD, x_hat_BD, pre_BF = x_BD[worst], x_hat_BD[worst], pre_BF[worst]
-    idx_BA, dead_BA = dead_topk(pre_BF, dead_F, k_aux, relu)
-    e_hat_BD = sae.decode_selected(x_BD, pre_BF, idx_BA, dead_BA)
-    return auxk(x_BD, x_hat_BD, e_hat_BD, var) * dead_F.any()
+    idx_BA, dead_BA = dead_topk(out.pre_BF, dead_F, k_aux, relu)
+    e_hat_BD = sae.decode_selected(x_BD, out.pre_BF, idx_BA, dead_BA)
+    return auxk(x_BD, out.x_hat_BD, e_hat_BD, var) * dead_F.any()

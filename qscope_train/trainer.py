@@ -88,7 +88,7 @@ def _backward(
     aux = None
     # no latent can be dead before dead_after_tokens tokens: a host-side test, unlike dead_F.any()
     if cfg.auxk_coef > 0 and state.resid_var is not None and state.tokens >= cfg.dead_after_tokens:
-        dead_F = state.since_fired_F >= objectives.auxk_window(cfg, state.tokens)
+        dead_F = state.since_fired_F >= cfg.dead_after_tokens
         aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, state.resid_var)
         loss = loss + cfg.auxk_coef * aux
     loss.backward()

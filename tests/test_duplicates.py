@@ -210,8 +210,7 @@ def test_merge_gives_one_latent_the_pair_and_reseeds_the_other_on_the_residual_i
     torch.testing.assert_close(W_avg[rare], seed_dir)
     live_norm = W_enc_before.norm(dim=1).mean()  # every latent was live
     torch.testing.assert_close(enc_avg[rare], seed_dir * live_norm * duplicates.RESEED_ENCODER)
-    # dead to AuxK even once its window has grown (objectives.auxk_window)
-    assert float(sae.b_enc[rare]) == 0 and int(state.since_fired_F[rare]) == 4 * cfg.dead_after_tokens
+    assert float(sae.b_enc[rare]) == 0 and int(state.since_fired_F[rare]) == cfg.dead_after_tokens
     # nothing else changed
     torch.testing.assert_close(W_avg[2:], others_before)
     torch.testing.assert_close(enc_avg[2:], enc_avg_before[2:])
