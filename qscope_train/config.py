@@ -147,8 +147,10 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     """Stop after this many steps; None means one pass over the cached training split."""
     dead_after_tokens: Optional[int] = None
-    """A latent that has not fired for this many tokens counts as dead (and AuxK trains it); None: 1/16 of
-    the run's tokens, at most 10M (Gao et al.'s window, which a short run would never reach)."""
+    """A latent that has not fired for this many tokens counts as dead (and AuxK trains it); None: 1/64 of
+    the run's tokens, at most 10M (Gao et al.'s window, which a short run would never reach). A short
+    window lets AuxK reach latents that went quiet while the dictionary takes shape: 1/64 rather than 1/16
+    recovered more true directions on bench_quality (docs/BENCHMARKS.md, session 24)."""
     grad_clip: Optional[float] = None
     """Clip each SAE's gradient to this global L2 norm; None: no clipping."""
     k_start: Optional[int] = None
@@ -247,7 +249,7 @@ class TrainerConfig:
         adam = self.optimizer is OptimizerName.adam
         window = self.dead_after_tokens
         if window is None:
-            window = max(self.batch_size, min(10_000_000, total_steps * self.batch_size // 16))
+            window = max(self.batch_size, min(10_000_000, total_steps * self.batch_size // 64))
         return replace(
             self,
             warmup_steps=(100 if adam else 0) if self.warmup_steps is None else self.warmup_steps,

@@ -45,10 +45,11 @@ SHIFT_COS, SHIFT_STEPS = 0.5, 3
 # carries. Late copies of rare, newly learned features are cheap; late splits of frequent, settled ones
 # are dear (docs/BENCHMARKS.md, session 21: on the easy shape such merges cost 0.5-2.5 % of the error
 # each and moved held-out FVU above sparsify's in 3 of 6 seeds; copies until 0.5 only lost recovery on
-# the hard shape, sessions 19-20). With the default dead window (1/16 of the run) that leaves four
-# windows after the last copy merge for the re-seeded latents to come alive; a longer window keeps those
-# four: copies also stop SETTLE_WINDOWS dead windows before the end (the demo's window is half its run:
-# copy merges from its step 196 to 282 of 376 raised its held-out dead from 45 % to 61-68 %, session 19).
+# the hard shape, sessions 19-20). With the default dead window (1/64 of the run) that leaves sixteen
+# windows after the last copy merge for the re-seeded latents to come alive; a window above 1/16 of the
+# run keeps four: copies also stop SETTLE_WINDOWS dead windows before the end (the demo's window is half
+# its run: copy merges from its step 196 to 282 of 376 raised its held-out dead from 45 % to 61-68 %,
+# session 19).
 MERGE_UNTIL, CHEAP_AFTER, SETTLE_WINDOWS = 0.75, 0.5, 4
 
 

@@ -11,6 +11,7 @@ import torch
 
 from .config import OptimizerName
 from .errors import ConfigError
+from .objectives import AUXK_ROWS
 
 HEADROOM = 0.85  # of the free memory, the share a plan may fill (allocator slack, the model in live runs)
 GiB = 2**30
@@ -45,17 +46,19 @@ def layer_bytes(d_model: int, d_sae: int, optimizer: OptimizerName, data_paralle
 def step_bytes(d_model: int, d_sae: int, k: int, batch: int, data_parallel: bool, bf16_gemm: bool = False) -> int:
     """One layer's step at its peak, the larger of its two phases (the worst step: AuxK with every latent
     dead, which masks a full copy of the pre-activations):
-    - forward and AuxK: the dense pre-activations and AuxK's masked copy (B x d_sae fp32 each; a bf16
-      encoder GEMM adds its bf16 product), eight B x d_model fp32 temporaries (batch, centred input,
+    - forward and AuxK: the dense pre-activations (B x d_sae fp32) and AuxK's masked copy of the rows it
+      reads (B / AUXK_ROWS of them; a bf16 encoder GEMM adds its bf16 product), eight B x d_model fp32
+      temporaries (batch, centred input,
       reconstruction, residuals, their squares) and the sparse code's bookkeeping;
     - backward and update: the layer's gradients (under data parallel they sit in layer_bytes), the
-      pre-activations still held, one weight matrix's optimizer temporary and the same B x d_model ones.
+      pre-activations of AuxK's rows still held, one weight matrix's optimizer temporary and the same
+      B x d_model ones.
     Checked against the live peak of real steps on a CPU (tests/test_plan.py)."""
     params = (2 * d_sae * d_model + d_sae + d_model) * 4
     pre = batch * d_sae * 4
     rows = 8 * batch * d_model * 4
-    forward = 2 * pre + (pre // 2 if bf16_gemm else 0) + rows + 6 * batch * k * 8
-    backward = (0 if data_parallel else params) + pre + d_sae * d_model * 4 + rows
+    forward = pre + pre // AUXK_ROWS + (pre // 2 if bf16_gemm else 0) + rows + 6 * batch * k * 8
+    backward = (0 if data_parallel else params) + pre // AUXK_ROWS + d_sae * d_model * 4 + rows
     return max(forward, backward)
 
 

@@ -91,14 +91,25 @@ def matryoshka(
     return torch.stack(losses).mean()
 
 
+# AuxK reads one row in AUXK_ROWS of each batch
+AUXK_ROWS = 2
+
+
 def auxk_loss(
     sae: TopKSAE, x_BD: Tensor, out: ForwardOutput, dead_F: Tensor, k_aux: int, var: Optional[Tensor] = None
 ) -> Tensor:
     """AuxK for one SAE: its top k_aux dead latents (losses.dead_topk) reconstruct the detached residual
     (losses.auxk, divided by `var`, or by this batch's residual variance); the gradient reaches only the
     dead rows of W_dec, W_enc and b_enc (never b_dec). Zero when no latent is dead, with nothing read
-    back to the host to find that out."""
+    back to the host to find that out.
+
+    It takes every other row (rows 0, 2, 4, ... of this process's batch): half the rows halve AuxK's cost
+    (on CPUs mostly its per-row top-k) and, unlike a choice by residual size, kept bench_quality's scores
+    (docs/BENCHMARKS.md, session 24). With data parallel, where each process holds an even number of rows,
+    the processes' rows together are every other row of the global batch, as in one process. `var` is the
+    full batch's residual variance, so the loss is half what all rows would give (AUXK_ROWS)."""
     relu = sae.activation is Activation.relu_topk
-    idx_BA, dead_BA = dead_topk(out.pre_BF, dead_F, k_aux, relu)
-    e_hat_BD = sae.decode_selected(x_BD, out.pre_BF, idx_BA, dead_BA)
-    return auxk(x_BD, out.x_hat_BD, e_hat_BD, var) * dead_F.any()
+    x_BD, x_hat_BD, pre_BF = x_BD[::AUXK_ROWS], out.x_hat_BD[::AUXK_ROWS], out.pre_BF[::AUXK_ROWS]
+    idx_BA, dead_BA = dead_topk(pre_BF, dead_F, k_aux, relu)
+    e_hat_BD = sae.decode_selected(x_BD, pre_BF, idx_BA, dead_BA)
+    return auxk(x_BD, x_hat_BD, e_hat_BD, var) * dead_F.any()
