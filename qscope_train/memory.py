@@ -45,11 +45,11 @@ def layer_bytes(d_model: int, d_sae: int, optimizer: OptimizerName, data_paralle
 
 def step_bytes(d_model: int, d_sae: int, k: int, batch: int, data_parallel: bool, bf16_gemm: bool = False) -> int:
     """One layer's step at its peak, the larger of its two phases (the worst step: AuxK with every latent
-    dead, which masks a full copy of the pre-activations):
-    - forward and AuxK: the dense pre-activations (B x d_sae fp32) and AuxK's masked copy of the rows it
-      reads (B / AUXK_ROWS of them; a bf16 encoder GEMM adds its bf16 product), eight B x d_model fp32
-      temporaries (batch, centred input,
-      reconstruction, residuals, their squares) and the sparse code's bookkeeping;
+    dead, which masks a copy of the pre-activations of the rows it reads):
+    - forward and AuxK: the dense pre-activations (B x d_sae fp32) and AuxK's masked copy of its rows
+      (B / AUXK_ROWS of them; a bf16 encoder GEMM adds its bf16 product), eight B x d_model fp32
+      temporaries (batch, centred input, reconstruction, residuals, their squares) and the sparse code's
+      bookkeeping;
     - backward and update: the layer's gradients (under data parallel they sit in layer_bytes), the
       pre-activations of AuxK's rows still held, one weight matrix's optimizer temporary and the same
       B x d_model ones.

@@ -106,8 +106,9 @@ def auxk_loss(
     It takes every other row (rows 0, 2, 4, ... of this process's batch): half the rows halve AuxK's cost
     (on CPUs mostly its per-row top-k) and, unlike a choice by residual size, kept bench_quality's scores
     (docs/BENCHMARKS.md, session 24). With data parallel, where each process holds an even number of rows,
-    the processes' rows together are every other row of the global batch, as in one process. `var` is the
-    full batch's residual variance, so the loss is half what all rows would give (AUXK_ROWS)."""
+    the processes' rows together are every other row of the global batch, as in one process. A `var`
+    given is the full batch's residual variance, so the loss is then about 1 / AUXK_ROWS of what all rows
+    would give."""
     relu = sae.activation is Activation.relu_topk
     x_BD, x_hat_BD, pre_BF = x_BD[::AUXK_ROWS], out.x_hat_BD[::AUXK_ROWS], out.pre_BF[::AUXK_ROWS]
     idx_BA, dead_BA = dead_topk(pre_BF, dead_F, k_aux, relu)

@@ -1,8 +1,8 @@
 """The live memory peak of a real training step on this CPU against the fit's memory model (memory.py).
 
-Runs a few steps of one layer's SAE, the worst kind (AuxK with every latent dead, which masks a full copy of
-the pre-activations), and reads the process's resident-set high-water mark (VmHWM, reset through
-/proc/self/clear_refs after a warm-up). Run it with glibc's mmap threshold low, so that every large tensor
+Runs a few steps of one layer's SAE, the worst kind (AuxK with every latent dead, which masks a copy of
+the pre-activations of the rows it reads), and reads the process's resident-set high-water mark (VmHWM,
+reset through /proc/self/clear_refs after a warm-up). Run it with glibc's mmap threshold low, so that every large tensor
 is its own mapping and is returned on free: the high-water mark is then the live peak, not the heap's:
 
     MALLOC_MMAP_THRESHOLD_=65536 python scripts/bench_step_memory.py --d-model 128 --d-sae 24576 --k 48 --batch 1536
