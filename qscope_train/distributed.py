@@ -52,6 +52,34 @@ def traffic() -> dict[str, int]:
     return dict(_TRAFFIC)
 
 
+class FlatBuffer:
+    """Gradients and extra tensors of several parameter groups as views of one fp32 buffer, so data parallel
+    adds them all over ranks with a single all-reduce (sum_(flat.buffer)) per step. groups maps a key to
+    (parameters, sizes of the extra 1-D tensors); extras[key] are those tensors. It holds every group's
+    gradients at once; layer groups or layer sharding bound that."""
+
+    def __init__(self, groups: dict[int, tuple[list[torch.nn.Parameter], list[int]]], device) -> None:
+        total = sum(sum(p.numel() for p in params) + sum(extra) for params, extra in groups.values())
+        self.buffer = torch.zeros(total, device=device)
+        self.grads: dict[int, list[tuple[torch.nn.Parameter, Tensor]]] = {}
+        self.extras: dict[int, list[Tensor]] = {}
+        at = 0
+        for key, (params, extra) in groups.items():
+            self.grads[key] = []
+            for p in params:
+                self.grads[key].append((p, self.buffer[at : at + p.numel()].view_as(p)))
+                at += p.numel()
+            self.extras[key] = []
+            for size in extra:
+                self.extras[key].append(self.buffer[at : at + size])
+                at += size
+
+    def attach(self, key: int) -> None:
+        """Make the group's .grad the buffer's views (a backward accumulates into them in place)."""
+        for p, g in self.grads[key]:
+            p.grad = g
+
+
 def any_(mask: Tensor) -> Tensor:
     """Element-wise OR of a bool tensor over ranks."""
     if not active():

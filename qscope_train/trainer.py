@@ -21,6 +21,7 @@ from .checkpoints import Checkpoints, restore, state_payload
 from .config import TrainerConfig
 from .data.batches import BatchSource
 from .data.prefetch import Prefetched, to_device
+from .distributed import FlatBuffer
 from .errors import QScopeError
 from .init import initialise
 from .losses import sum_stats, variance_from_stats
@@ -137,31 +138,11 @@ def _stats_size(sae: TopKSAE) -> int:
     return RESID_SUM + sae.d_model
 
 
-class FlatBuffer:
-    """Every layer's gradients, fired counts and step statistics as views of one fp32 buffer, so data
-    parallel adds them over ranks with a single all-reduce per step. It holds all layers' gradients at
-    once (2 x d_sae x d_model floats per layer); layer groups or layer sharding bound that."""
-
-    def __init__(self, states: dict[int, LayerState], device) -> None:
-        sizes = {
-            n: [p.numel() for p in s.sae.parameters()] + [s.sae.d_sae, _stats_size(s.sae)] for n, s in states.items()
-        }
-        self.buffer = torch.zeros(sum(sum(v) for v in sizes.values()), device=device)
-        self.views: dict[int, tuple[list[Tensor], Tensor, Tensor]] = {}
-        at = 0
-        for n, s in states.items():
-            parts = []
-            for size in sizes[n]:
-                parts.append(self.buffer[at : at + size])
-                at += size
-            params = list(s.sae.parameters())
-            grads = [v.view_as(p) for v, p in zip(parts[:-2], params, strict=True)]
-            self.views[n] = (grads, parts[-2], parts[-1])
-
-    def attach(self, n: int, sae: TopKSAE) -> None:
-        """Make the layer's .grad the buffer's views (the backward accumulates into them in place)."""
-        for p, g in zip(sae.parameters(), self.views[n][0], strict=True):
-            p.grad = g
+def flat_buffer(states: dict[int, LayerState], device) -> FlatBuffer:
+    """Every layer's gradients, fired counts (d_sae) and step statistics in one buffer (data parallel)."""
+    return FlatBuffer(
+        {n: (list(s.sae.parameters()), [s.sae.d_sae, _stats_size(s.sae)]) for n, s in states.items()}, device
+    )
 
 
 def train_steps(
@@ -191,12 +172,12 @@ def train_steps(
     x_stats = distributed.sum_(torch.stack([sum_stats(xs[n].float()) for n in states]))
     flat.buffer.zero_()
     for i, (n, state) in enumerate(states.items()):
-        flat.attach(n, state.sae)
-        _, fired_F, stats = flat.views[n]
+        flat.attach(n)
+        fired_F, stats = flat.extras[n]
         _backward(state, xs[n].float(), cfg, step, variance_from_stats(x_stats[i]), fired_F, stats, keep_code)
     distributed.sum_(flat.buffer)
     for n, state in states.items():
-        _, fired_F, stats = flat.views[n]
+        fired_F, stats = flat.extras[n]
         _update(state, cfg, step, rows, fired_F, stats)
 
 
@@ -262,7 +243,7 @@ def fit(
         restore(states, batches, ckpt)
         start = ckpt["step"] + 1
         print(f"resume: continuing after step {ckpt['step']} from {checkpoints.dir}")
-    flat = FlatBuffer(states, device) if distributed.active() else None
+    flat = flat_buffer(states, device) if distributed.active() else None
     if merge and cfg.merge_cos is not None and duplicates.first_merge_step(cfg, total_steps) is None:
         if distributed.rank() == 0:
             print(
