@@ -51,7 +51,9 @@ def variance_from_stats(stats: Tensor) -> Tensor:
     return (s2 - s1.pow(2).sum() / n).clamp_min(0).float()
 
 
-GATHER_DEAD_ON_CPU = True  # tests that emulate the device's no-read-back step turn this off
+# on a CPU reading a count back costs nothing: AuxK ranks only the dead latents (dead_topk) and is skipped
+# on steps with none (trainer._backward); tests that emulate the device's no-read-back step turn this off
+CPU_READS = True
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def dead_topk(pre_BF: Tensor, dead_F: Tensor, k_aux: int, relu: bool = False) ->
     same picks; at 4096 x 1024, k_aux 32, one thread, 5.8 instead of 18.1 ms with 1/10 dead, 19.7
     instead of 31.3 ms with half dead, 34.3 instead of 40.7 ms with 9/10 dead).
     """
-    if GATHER_DEAD_ON_CPU and pre_BF.device.type == "cpu":
+    if CPU_READS and pre_BF.device.type == "cpu":
         dead_idx = dead_F.nonzero().squeeze(1)
         if 0 < dead_idx.numel() < dead_F.shape[0]:
             sub_BN = pre_BF.index_select(1, dead_idx)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import distributed, duplicates, objectives
+from . import distributed, duplicates, losses, objectives
 from .checkpoints import Checkpoints, restore, state_payload
 from .config import TrainerConfig
 from .data.batches import BatchSource
@@ -90,8 +90,11 @@ def _backward(
     # no latent can be dead before dead_after_tokens tokens: a host-side test, unlike dead_F.any()
     if cfg.auxk_coef > 0 and state.resid_var is not None and state.tokens >= cfg.dead_after_tokens:
         dead_F = state.since_fired_F >= cfg.dead_after_tokens
-        aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, state.resid_var)
-        loss = loss + cfg.auxk_coef * aux
+        # an accelerator runs AuxK's term (zero then) without asking whether any latent is dead; a CPU reads
+        # the answer for nothing, and skipping the term is exact (every rank holds the same counters)
+        if not (losses.CPU_READS and x_BD.device.type == "cpu") or bool(dead_F.any()):
+            aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, state.resid_var)
+            loss = loss + cfg.auxk_coef * aux
     loss.backward()
     with torch.no_grad():
         vals_BK, idx_BK = out.code

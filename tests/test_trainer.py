@@ -79,7 +79,7 @@ def _sae_with_dead(seed=0, n_dead=40, activation=Activation.topk):
 
 
 # auxk_loss selects dead latents from gathered columns on a CPU (some latents dead), from masked ones on a
-# device (GATHER_DEAD_ON_CPU off emulates it), and masked with every latent dead
+# device (CPU_READS off emulates it), and masked with every latent dead
 DEAD_COUNTS = [10, 40, 128]
 
 
@@ -88,7 +88,7 @@ DEAD_COUNTS = [10, 40, 128]
 @pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("n_dead", DEAD_COUNTS)
 def test_auxk_gradients_equal_the_dense_reference_for_every_parameter(n_dead, gather, dots, centered, monkeypatch):
-    monkeypatch.setattr(losses, "GATHER_DEAD_ON_CPU", gather)
+    monkeypatch.setattr(losses, "CPU_READS", gather)
     # AuxK values dead latents outside the screen's candidates at bf16 accuracy (screen.py); the fp32 GEMM here
     monkeypatch.setattr(screen, "applies", lambda *a: False)
     if dots == "sampled_addmm":
@@ -484,3 +484,37 @@ def test_a_crash_while_initialisation_batches_wait_resumes_exactly(tmp_path):
     resumed = train(tmp_path / "b", lambda s, m: None)
     for name, p in whole.state_dict().items():
         assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("n_dead", [0, 5])
+def test_a_cpu_step_with_no_dead_latent_skips_auxk_and_matches_the_device_step(n_dead, monkeypatch):
+    """On a CPU the step asks whether any latent is dead and leaves AuxK out when none is; the device path
+    (CPU_READS off) runs the term, zero then. Both leave the same weights, bit for bit."""
+    import qscope_train.trainer as trainer
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return auxk_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "auxk_loss", counted)
+    x = _sparse_data(n=2048, d=16, atoms=64)
+    cfg = TrainerConfig(batch_size=256, dead_after_tokens=256).resolved(8)
+    weights, runs = [], []
+    for cpu_reads in (True, False):
+        monkeypatch.setattr(losses, "CPU_READS", cpu_reads)
+        sae = TopKSAE(16, 128, 4)
+        sae.init_weights_(generator=torch.Generator().manual_seed(0))
+        state = trainer.new_state(sae, cfg, 8, "cpu")
+        calls.clear()
+        for step in range(6):
+            state.since_fired_F.zero_()
+            state.since_fired_F[:n_dead] = cfg.dead_after_tokens  # exactly n_dead latents are dead
+            trainer.train_step(state, x[step * 256 : (step + 1) * 256], cfg, step)
+        runs.append(len(calls))
+        weights.append([p.detach().clone() for p in sae.parameters()])
+    # AuxK starts on the 2nd step (the first sets its divisor) once dead_after_tokens tokens are seen
+    assert runs == ([0, 5] if n_dead == 0 else [5, 5])
+    for cpu_p, device_p in zip(*weights, strict=True):
+        assert torch.equal(cpu_p, device_p)

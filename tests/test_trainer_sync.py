@@ -30,7 +30,7 @@ READS_BACK = {
 @pytest.fixture(autouse=True)
 def _device_path(monkeypatch):
     """The step as it runs on an accelerator: AuxK does not count its dead latents on the host."""
-    monkeypatch.setattr(losses, "GATHER_DEAD_ON_CPU", False)
+    monkeypatch.setattr(losses, "CPU_READS", False)
 
 
 class HostReads(TorchDispatchMode):
