@@ -21,7 +21,6 @@ from .checkpoints import Checkpoints, restore, state_payload
 from .config import TrainerConfig
 from .data.batches import BatchSource
 from .data.prefetch import Prefetched, to_device
-from .distributed import FlatBuffer
 from .errors import QScopeError
 from .init import initialise
 from .losses import sum_stats, variance_from_stats
@@ -92,7 +91,7 @@ def _backward(
         dead_F = state.since_fired_F >= cfg.dead_after_tokens
         # an accelerator runs AuxK's term (zero then) without asking whether any latent is dead; a CPU reads
         # the answer for nothing, and skipping the term is exact (every rank holds the same counters)
-        if not (losses.CPU_READS and x_BD.device.type == "cpu") or bool(dead_F.any()):
+        if not losses.reads_are_free(dead_F) or bool(dead_F.any()):
             aux = auxk_loss(sae, x_BD, out, dead_F, cfg.auxk_k or sae.d_model // 2, state.resid_var)
             loss = loss + cfg.auxk_coef * aux
     loss.backward()
@@ -141,9 +140,9 @@ def _stats_size(sae: TopKSAE) -> int:
     return RESID_SUM + sae.d_model
 
 
-def flat_buffer(states: dict[int, LayerState], device) -> FlatBuffer:
+def flat_buffer(states: dict[int, LayerState], device) -> distributed.FlatBuffer:
     """Every layer's gradients, fired counts (d_sae) and step statistics in one buffer (data parallel)."""
-    return FlatBuffer(
+    return distributed.FlatBuffer(
         {n: (list(s.sae.parameters()), [s.sae.d_sae, _stats_size(s.sae)]) for n, s in states.items()}, device
     )
 
@@ -153,7 +152,7 @@ def train_steps(
     xs: dict[int, Tensor],
     cfg: TrainerConfig,
     step: int,
-    flat: Optional[FlatBuffer] = None,
+    flat: Optional[distributed.FlatBuffer] = None,
     keep_code: bool = False,
 ) -> None:
     """One optimizer step for every layer on this rank's rows xs {layer: (B, d_model)}; nothing is read back
